@@ -1,0 +1,160 @@
+"""ONNX graphs built op by op from the weights (contrib dialect: ORT fused ops for CPU/GPU EPs)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.plan import Block, GraphPlan
+from runtime import manifest as names
+from runtime.manifest import ModelConfig
+
+OPSET = 21
+Weights = Callable[[str], np.ndarray]
+
+
+class GraphBuilder:
+    """Collects nodes, initializers and graph inputs/outputs; names intermediate values uniquely."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: dict[str, onnx.ValueInfoProto] = {}
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+
+    def input(self, name: str, elem_type: int, shape: list[int | str]) -> str:
+        if name not in self.inputs:
+            self.inputs[name] = helper.make_tensor_value_info(name, elem_type, shape)
+        return name
+
+    def output(self, name: str, elem_type: int, shape: list[int | str]) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        self._count += 1
+        if isinstance(outputs, int):
+            outputs = [f"/{op_type}_{self._count}/out{i}" for i in range(outputs)]
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=f"/{op_type}_{self._count}", domain=domain, **attrs)
+        )
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def rename(self, old: str, new: str) -> str:
+        """Give an intermediate value a graph-output name."""
+        for node in self.nodes:
+            node.output[:] = [new if o == old else o for o in node.output]
+            node.input[:] = [new if i == old else i for i in node.input]
+        return new
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, list(self.inputs.values()), self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="tandem")
+        model.ir_version = 10
+        return model
+
+
+def make_rmsnorm(b: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(name, weight)], axis=-1, epsilon=eps, stash_type=1)
+
+
+def make_linear(b: GraphBuilder, w: Weights, x: str, prefixes: list[str], bias: bool = False) -> str:
+    """x @ W.T (+ b); several projections of the same input are packed into one MatMul."""
+    weight = np.concatenate([w(f"{p}.weight") for p in prefixes], axis=0).T
+    name = "+".join(prefixes)
+    y = b.op("MatMul", [x, b.weight(f"{name}.weight.T", np.ascontiguousarray(weight))])
+    if bias:
+        y = b.op("Add", [y, b.weight(f"{name}.bias", np.concatenate([w(f"{p}.bias") for p in prefixes]))])
+    return y
+
+
+def make_embed(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str | None) -> str:
+    ids = b.input(names.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"])
+    return b.op("Gather", [b.weight("model.embed_tokens.weight", w("model.embed_tokens.weight")), ids])
+
+
+def make_attention(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str) -> str:
+    """RMSNorm, packed q/k/v with biases, RoPE + grouped-query attention over the in-place KV cache, o_proj, residual."""
+    p = f"model.layers.{block.layer}"
+    h = make_rmsnorm(b, x, w(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm.weight", cfg.rms_norm_eps)
+    qkv = make_linear(b, w, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"], bias=True)
+    cache_shape = ["batch", cfg.num_kv_heads, "capacity", cfg.head_dim]
+    past = [b.input(names.past_name(kind, block.layer), TensorProto.FLOAT, cache_shape) for kind in ("key", "value")]
+    present = [names.present_name(kind, block.layer) for kind in ("key", "value")]
+    for name in present:
+        b.output(name, TensorProto.FLOAT, cache_shape)
+    rope_shape = ["max_positions", cfg.head_dim // 2]
+    attn, *_ = b.op(
+        "GroupQueryAttention",
+        [
+            qkv, "", "", *past,
+            b.input(names.SEQLENS_K, TensorProto.INT32, ["batch"]),
+            b.input(names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+            b.input(names.COS_CACHE, TensorProto.FLOAT, rope_shape),
+            b.input(names.SIN_CACHE, TensorProto.FLOAT, rope_shape),
+        ],
+        outputs=[f"{p}/attention", *present],
+        domain="com.microsoft",
+        num_heads=cfg.num_heads,
+        kv_num_heads=cfg.num_kv_heads,
+        scale=1.0 / math.sqrt(cfg.head_dim),
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
+    return b.op("Add", [x, make_linear(b, w, attn, [f"{p}.self_attn.o_proj"])])
+
+
+def make_ffn(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str) -> str:
+    """RMSNorm, SiLU(gate) * up, down, residual."""
+    p = f"model.layers.{block.layer}"
+    h = make_rmsnorm(b, x, w(f"{p}.post_attention_layernorm.weight"), f"{p}.post_attention_layernorm.weight", cfg.rms_norm_eps)
+    gate = make_linear(b, w, h, [f"{p}.mlp.gate_proj"])
+    up = make_linear(b, w, h, [f"{p}.mlp.up_proj"])
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+    return b.op("Add", [x, make_linear(b, w, act, [f"{p}.mlp.down_proj"])])
+
+
+def make_head(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str) -> str:
+    """Final norm + lm_head, only at the positions in logits_index ([batch, k] -> logits [batch, k, vocab])."""
+    index = b.input(names.LOGITS_INDEX, TensorProto.INT64, ["batch", "positions"])
+    axes = b.weight("/head/axes", np.array([-1], dtype=np.int64))
+    picked = b.op("GatherND", [x, b.op("Unsqueeze", [index, axes])], batch_dims=1)
+    h = make_rmsnorm(b, picked, w("model.norm.weight"), "model.norm.weight", cfg.rms_norm_eps)
+    return make_linear(b, w, h, ["lm_head"])
+
+
+MAKERS = {"embed": make_embed, "attention": make_attention, "ffn": make_ffn, "head": make_head}
+
+
+def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig) -> onnx.ModelProto:
+    b = GraphBuilder(graph.name)
+    x = None if graph.blocks[0].kind == "embed" else b.input(names.HIDDEN, TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
+    for block in graph.blocks:
+        x = MAKERS[block.kind](b, w, cfg, block, x)
+    if graph.blocks[-1].kind == "head":
+        b.output(b.rename(x, names.LOGITS), TensorProto.FLOAT, ["batch", "positions", cfg.vocab_size])
+    else:
+        b.output(b.rename(x, names.HIDDEN_NEXT), TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
+    return b.model()
+
+
+def rope_tables(hf_config: dict, capacity: int) -> np.ndarray:
+    """cos/sin tables [2, capacity, head_dim/2] computed by transformers' own rotary embedding (scaling included)."""
+    import torch
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    rotary = Qwen2RotaryEmbedding(Qwen2Config(**hf_config))
+    positions = torch.arange(capacity)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    half = cos.shape[-1] // 2
+    return np.stack([cos[0, :, :half].numpy(), sin[0, :, :half].numpy()]).astype(np.float32)

@@ -1,0 +1,202 @@
+"""verify: each graph against a torch/transformers reference of the same weights, then the whole chain."""
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from compiler.progress import progress
+from compiler.plan import Block
+from compiler.recipe import Recipe, VerifySpec
+from compiler.source import ModelSource
+from runtime import manifest as names
+from runtime.engine import Engine, GraphRunner, session_options, step_values
+from runtime.kv_cache import KVCache
+from runtime.manifest import GraphSpec, Manifest, load_manifest
+from runtime.providers import Placement
+from runtime.tokenizer import Tokenizer
+
+PREFIX, SUFFIX = 7, 5  # verify a graph in two calls: a prefill of PREFIX tokens, then SUFFIX more over the cache
+
+
+def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = False) -> dict[str, Any]:
+    """Measure every graph and the whole chain; `failures` lists what misses the recipe's tolerances."""
+    manifest = load_manifest(directory)
+    spec = Recipe.model_validate(manifest.recipe).verify
+    graphs = [verify_graph(directory, manifest, g, source) for g in progress(manifest.graphs, show_progress, "verifying graphs")]
+    chain = verify_chain(directory, manifest, source, spec, show_progress)
+    failures = [
+        f"graph {g['graph']}: max relative error {g['max_rel_error']:.3g} > {spec.graph_max_rel_error:g}"
+        for g in graphs if g["max_rel_error"] > spec.graph_max_rel_error
+    ]
+    for c in chain:
+        if c["logits_max_abs_error"] > spec.logits_max_abs_error:
+            failures.append(f"prompt {c['prompt'][:40]!r}: logits error {c['logits_max_abs_error']:.3g} > {spec.logits_max_abs_error:g}")
+        if c["greedy_agreement"] < spec.greedy_agreement:
+            failures.append(f"prompt {c['prompt'][:40]!r}: greedy agreement {c['greedy_agreement']:.2%} < {spec.greedy_agreement:.0%}")
+    return {
+        "artifact": manifest.name,
+        "source": manifest.source.model_dump(),
+        "tolerances": spec.model_dump(exclude={"prompts"}),
+        "graphs": graphs,
+        "chain": chain,
+        "greedy_agreement": min(c["greedy_agreement"] for c in chain),
+        "failures": failures,
+    }
+
+
+# --- graphs ---------------------------------------------------------------------------------------
+
+
+def verify_graph(directory: Path, manifest: Manifest, spec: GraphSpec, source: ModelSource) -> dict[str, Any]:
+    cfg = manifest.model
+    blocks = [Block(kind, int(layer) if layer else None) for kind, _, layer in (b.partition(".") for b in spec.blocks)]
+    rng = np.random.default_rng(0)
+    count = PREFIX + SUFFIX
+    if blocks[0].kind == "embed":
+        x = rng.integers(0, cfg.vocab_size, (1, count), dtype=np.int64)
+    else:
+        x = rng.standard_normal((1, count, cfg.hidden_size), dtype=np.float32)
+    expected = _reference(blocks, source)(torch.from_numpy(x)).numpy()
+    actual = _run_graph(directory, manifest, spec, x)
+    err = np.abs(actual - expected)
+    return {
+        "graph": spec.name,
+        "max_abs_error": float(err.max()),
+        "max_rel_error": float(err.max() / np.abs(expected).max()),
+        "mean_abs_error": float(err.mean()),
+    }
+
+
+def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
+    """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
+    session = ort.InferenceSession(str(directory / spec.file), session_options(0), providers=["CPUExecutionProvider"])
+    runner = GraphRunner(spec, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
+    cache = KVCache(manifest.kv_cache, slots=1)
+    cos, sin = np.load(directory / names.ROPE_FILE)
+    rope = {names.COS_CACHE: ort.OrtValue.ortvalue_from_numpy(cos), names.SIN_CACHE: ort.OrtValue.ortvalue_from_numpy(sin)}
+    outputs = []
+    for start, stop in ((0, PREFIX), (PREFIX, PREFIX + SUFFIX)):
+        values = step_values(cache, 0, stop - start, rope, list(range(stop - start)))
+        first = names.INPUT_IDS if names.INPUT_IDS in spec.inputs else names.HIDDEN
+        values[first] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x[:, start:stop]))
+        runner.run(values)
+        outputs.append(values[names.LOGITS if names.LOGITS in spec.outputs else names.HIDDEN].numpy())
+        cache.update(0, stop - start)
+    return np.concatenate(outputs, axis=1)
+
+
+def _reference(blocks: list[Block], source: ModelSource) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' own Qwen2 modules, loaded with the source's weights, applied block after block."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    config = Qwen2Config(**source.hf_config)
+    config._attn_implementation = "sdpa"
+    w = lambda name: torch.from_numpy(source.tensor(name))  # noqa: E731
+
+    def load(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        module.load_state_dict({k: w(f"{prefix}.{k}") for k in module.state_dict()})
+        return module.eval()
+
+    def norm(name: str) -> torch.nn.Module:
+        return load(qwen2.Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps), name)
+
+    rotary = qwen2.Qwen2RotaryEmbedding(config)
+
+    def block_fn(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
+        p = f"model.layers.{block.layer}"
+        if block.kind == "embed":
+            table = w("model.embed_tokens.weight")
+            return lambda ids: table[ids]
+        if block.kind == "attention":
+            attn, pre = load(qwen2.Qwen2Attention(config, block.layer), f"{p}.self_attn"), norm(f"{p}.input_layernorm")
+
+            def attention(x: torch.Tensor) -> torch.Tensor:
+                position = rotary(x, torch.arange(x.shape[1])[None])
+                return x + attn(pre(x), position_embeddings=position, attention_mask=None)[0]
+
+            return attention
+        if block.kind == "ffn":
+            mlp, pre = load(qwen2.Qwen2MLP(config), f"{p}.mlp"), norm(f"{p}.post_attention_layernorm")
+            return lambda x: x + mlp(pre(x))
+        final, lm_head = norm("model.norm"), w("lm_head.weight")
+        return lambda x: final(x) @ lm_head.T
+
+    fns = [block_fn(b) for b in blocks]
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for fn in fns:
+            x = fn(x)
+        return x
+
+    return run
+
+
+# --- chain ----------------------------------------------------------------------------------------
+
+
+def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, prefill_chunk: int) -> list[str]:
+    """The recipe's prompts plus one longer than a prefill chunk (real code from the standard library)."""
+    code = tokenizer.encode(inspect.getsource(textwrap))[: prefill_chunk + prefill_chunk // 2]
+    return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
+
+
+def verify_chain(directory: Path, manifest: Manifest, source: ModelSource, spec: VerifySpec, show_progress: bool) -> list[dict[str, Any]]:
+    tokenizer = Tokenizer.from_dir(directory)
+    generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
+    eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
+    engine = Engine(directory)
+    reference = source.reference_model()
+    results = []
+    for prompt in progress(verify_prompts(spec, tokenizer, manifest.prefill_chunk), show_progress, "verifying chain"):
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        ours, our_logits = _greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)
+        engine.reset(0)
+        theirs, their_logits = _greedy(_torch_step(reference), ids, spec.new_tokens, eos)
+        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        steps = min(agree + 1, len(our_logits), len(their_logits))
+        errors = [float(np.abs(our_logits[i] - their_logits[i]).max()) for i in range(steps)]
+        results.append({
+            "prompt": prompt if len(prompt) < 200 else prompt[:200] + "...",
+            "prompt_tokens": len(ids),
+            "new_tokens": len(theirs),
+            "logits_max_abs_error": errors[0],
+            "logits_max_abs_error_all_steps": max(errors),
+            "greedy_agreement": agree / max(len(ours), len(theirs), 1),
+            "text": tokenizer.decode(ours),
+        })
+    return results
+
+
+def _greedy(step: Callable[[list[int], bool], np.ndarray], ids: list[int], new_tokens: int, eos: set[int]):
+    tokens: list[int] = []
+    logits = [step(ids, True)]
+    while len(tokens) < new_tokens:
+        token = int(np.argmax(logits[-1]))
+        tokens.append(token)
+        if token in eos or len(tokens) == new_tokens:
+            break
+        logits.append(step([token], False))
+    return tokens, logits
+
+
+def _torch_step(model) -> Callable[[list[int], bool], np.ndarray]:
+    state: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def step(tokens: list[int], first: bool) -> np.ndarray:
+        if first:
+            state.clear()
+        out = model(torch.tensor([tokens]), past_key_values=state.get("cache"), use_cache=True)
+        state["cache"] = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+    return step

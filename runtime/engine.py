@@ -1,0 +1,117 @@
+"""The engine: one ORT session per graph, run in schedule order over one shared KV cache."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime import manifest as names
+from runtime.errors import TandemError
+from runtime.kv_cache import KVCache
+from runtime.manifest import GraphSpec, Manifest, load_manifest
+from runtime.providers import Placement, create_session
+
+log = logging.getLogger("tandem")
+
+
+class GraphRunner:
+    """A graph's session; binds its inputs by name from the step's values and carries its outputs on."""
+
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
+        self.spec = spec
+        self.session = session
+        self.placement = placement
+        self._outputs = [(name, names.past_of(name)) for name in spec.outputs]
+
+    def run(self, values: dict[str, ort.OrtValue]) -> None:
+        binding = self.session.io_binding()
+        for name in self.spec.inputs:
+            binding.bind_ortvalue_input(name, values[name])
+        for name, cache_input in self._outputs:
+            if cache_input:  # present_* aliases the cache memory bound as past_*: written in place
+                binding.bind_ortvalue_output(name, values[cache_input])
+            else:
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        for (name, cache_input), value in zip(self._outputs, binding.get_outputs()):
+            if not cache_input:
+                values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def _tensor(array: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def step_values(
+    cache: KVCache, slot: int, count: int, rope: dict[str, ort.OrtValue], logits_positions: Sequence[int]
+) -> dict[str, ort.OrtValue]:
+    """The inputs every graph of a step may read, for `count` new tokens of one slot (batch 1)."""
+    total = int(cache.lengths[slot]) + count
+    return {
+        names.SEQLENS_K: _tensor(np.array([total - 1], dtype=np.int32)),
+        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total, dtype=np.int32)),
+        names.LOGITS_INDEX: _tensor(np.array([logits_positions], dtype=np.int64)),
+        **rope,
+        **cache.bindings(slot),
+    }
+
+
+class Engine:
+    """Runs token chunks of one sequence slot through the artifact's graphs; returns next-token logits."""
+
+    def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0) -> None:
+        self.directory = Path(directory)
+        self.manifest: Manifest = load_manifest(self.directory)
+        options = session_options(threads)
+        self.graphs: list[GraphRunner] = []
+        for name in self.manifest.schedule:
+            spec = self.manifest.graph(name)
+            session, placement = create_session(
+                spec.name, self.directory / spec.file, spec.role, self.manifest.roles[spec.role], options
+            )
+            self.graphs.append(GraphRunner(spec, session, placement))
+        cos, sin = np.load(self.directory / names.ROPE_FILE)
+        self.rope = {names.COS_CACHE: _tensor(cos), names.SIN_CACHE: _tensor(sin)}
+        self.cache = KVCache(self.manifest.kv_cache, slots)
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [g.placement for g in self.graphs]
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def forward(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens to the slot's sequence (chunked prefill, or one decode token); logits of the last one."""
+        if not tokens:
+            raise TandemError("no tokens to run")
+        length = int(self.cache.lengths[slot]) + len(tokens)
+        if length > self.capacity:
+            raise TandemError(f"context of {length} tokens does not fit the KV cache capacity of {self.capacity}")
+        chunk = self.manifest.prefill_chunk
+        for start in range(0, len(tokens), chunk):
+            logits = self._step(slot, tokens[start : start + chunk])
+        return logits
+
+    def _step(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        values = step_values(self.cache, slot, len(tokens), self.rope, [len(tokens) - 1])
+        values[names.INPUT_IDS] = _tensor(np.array([tokens], dtype=np.int64))
+        for graph in self.graphs:
+            graph.run(values)
+        self.cache.update(slot, len(tokens))
+        return values[names.LOGITS].numpy()[0, -1]
+
+    def reset(self, slot: int) -> None:
+        self.cache.reset(slot)

@@ -1,0 +1,213 @@
+"""The artifact manifest: the contract between compiler and runtime (schema, naming, load + integrity check)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runtime.errors import TandemError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.yaml"
+ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
+GENERATION_CONFIG = "generation_config.json"
+VERIFY_REPORT = "verify.json"
+
+Role = Literal["npu", "igpu", "cpu"]
+BlockKind = Literal["embed", "attention", "ffn", "head"]
+
+# Tensor names every graph agrees on. Hidden states flow graph to graph; the KV cache is bound in place.
+INPUT_IDS = "input_ids"
+HIDDEN = "hidden"
+HIDDEN_NEXT = "hidden_next"
+LOGITS = "logits"
+LOGITS_INDEX = "logits_index"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+COS_CACHE = "cos_cache"
+SIN_CACHE = "sin_cache"
+
+# ORT execution provider short names accepted in recipes and manifests.
+PROVIDERS = {
+    "VitisAI": "VitisAIExecutionProvider",
+    "QNN": "QNNExecutionProvider",
+    "OpenVINO": "OpenVINOExecutionProvider",
+    "MIGraphX": "MIGraphXExecutionProvider",
+    "ROCm": "ROCMExecutionProvider",
+    "DML": "DmlExecutionProvider",
+    "CUDA": "CUDAExecutionProvider",
+    "TensorRT": "TensorrtExecutionProvider",
+    "CoreML": "CoreMLExecutionProvider",
+    "CPU": "CPUExecutionProvider",
+}
+
+
+def past_name(kind: Literal["key", "value"], layer: int) -> str:
+    return f"past_{kind}.{layer}"
+
+
+def present_name(kind: Literal["key", "value"], layer: int) -> str:
+    return f"present_{kind}.{layer}"
+
+
+def past_of(present: str) -> str | None:
+    """The cache input a present_* output aliases, or None for an ordinary output."""
+    return "past_" + present[len("present_") :] if present.startswith("present_") else None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderSpec(Strict):
+    name: str
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
+        return name
+
+    @property
+    def ort_name(self) -> str:
+        return PROVIDERS[self.name]
+
+
+class RoleSpec(Strict):
+    """A role's execution-provider preference chain, best first."""
+
+    providers: list[ProviderSpec] = Field(min_length=1)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ModelConfig(Strict):
+    architecture: Literal["qwen2"] = "qwen2"
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    rms_norm_eps: float = Field(gt=0)
+    rope_theta: float = Field(gt=0)
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+
+
+class FileEntry(Strict):
+    path: str
+    sha256: str
+    size: int
+
+
+class GraphSpec(Strict):
+    name: str
+    file: str
+    role: Role
+    blocks: list[str]
+    dialect: Literal["contrib"] = "contrib"
+    dtype: Literal["fp32"] = "fp32"
+    inputs: list[str]
+    outputs: list[str]
+
+
+class KVCacheSpec(Strict):
+    layers: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+    dtype: Literal["float32"] = "float32"
+
+
+class SourceSpec(Strict):
+    kind: Literal["gguf", "hf"]
+    location: str
+    sha256: str
+
+
+class Manifest(Strict):
+    format_version: int
+    name: str
+    recipe: dict[str, Any]  # the recipe it was compiled from (verify re-reads its tolerances)
+    source: SourceSpec
+    model: ModelConfig
+    kv_cache: KVCacheSpec
+    prefill_chunk: int = Field(gt=0)
+    roles: dict[Role, RoleSpec]
+    graphs: list[GraphSpec] = Field(min_length=1)
+    schedule: list[str] = Field(min_length=1)
+    files: list[FileEntry]
+
+    def graph(self, name: str) -> GraphSpec:
+        return next(g for g in self.graphs if g.name == name)
+
+
+def format_validation_error(where: str, err: ValidationError) -> str:
+    """One line per problem, each naming the key path (e.g. `roles.npu.providers.0.name`)."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_of(path), size=path.stat().st_size)
+
+
+def load_manifest(directory: Path, check_files: bool = True) -> Manifest:
+    """Load and validate an artifact's manifest; with check_files, every listed file must match its sha256."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise TandemError(f"{path}: not an artifact (no {MANIFEST})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TandemError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise TandemError(f"{path}: expected a mapping at the top level")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise TandemError(f"{path}: format_version: missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise TandemError(
+            f"{path}: format_version {version} is newer than this runtime supports ({FORMAT_VERSION}); upgrade tandem"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise TandemError(format_validation_error(str(path), e)) from None
+    if check_files:
+        verify_files(Path(directory), manifest)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for entry in manifest.files:
+        file = directory / entry.path
+        if not file.is_file():
+            raise TandemError(f"{file}: missing (listed in {MANIFEST})")
+        if file.stat().st_size != entry.size or sha256_of(file) != entry.sha256:
+            raise TandemError(f"{file}: sha256 mismatch: the file was modified or corrupted; recompile the artifact")
