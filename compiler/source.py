@@ -81,6 +81,10 @@ class ModelSource:
         """The transformers model of the same weights (fp32), for verification."""
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
         location = Path(self.spec.location)
         kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}

@@ -99,7 +99,7 @@ def _reference(blocks: list[Block], source: ModelSource) -> Callable[[torch.Tens
 
     config = Qwen2Config(**source.hf_config)
     config._attn_implementation = "sdpa"
-    w = lambda name: torch.from_numpy(source.tensor(name))  # noqa: E731
+    w = lambda name: torch.tensor(source.tensor(name))  # noqa: E731
 
     def load(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
         module.load_state_dict({k: w(f"{prefix}.{k}") for k in module.state_dict()})
@@ -190,12 +190,14 @@ def _greedy(step: Callable[[list[int], bool], np.ndarray], ids: list[int], new_t
 
 def _torch_step(model) -> Callable[[list[int], bool], np.ndarray]:
     state: dict[str, Any] = {}
+    # transformers renamed past_key_values to cache in 5.2x; accept both
+    CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def step(tokens: list[int], first: bool) -> np.ndarray:
         if first:
             state.clear()
-        out = model(torch.tensor([tokens]), past_key_values=state.get("cache"), use_cache=True)
+        out = model(torch.tensor([tokens]), **{CACHE_ARG: state.get("cache")}, use_cache=True)
         state["cache"] = out.past_key_values
         return out.logits[0, -1].float().numpy()
 

@@ -21,7 +21,7 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        # Written as "not (valid)" so NaN is rejected too.
+        # Each check states the valid range, so NaN (false in every comparison) is rejected too.
         checks = {
             "temperature": (self.temperature >= 0, ">= 0"),
             "top_k": (self.top_k >= -1, ">= -1 (0 or -1 disables it)"),

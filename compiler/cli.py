@@ -1,0 +1,80 @@
+"""`tandem`: the runtime's commands plus compile and verify (which need the compiler extra: torch, transformers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime import cli as runtime_cli
+from runtime.errors import TandemError
+
+
+def _require_compiler() -> None:
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise TandemError(f"this command needs the compiler extra ({e.name} is missing): pip install 'tandem[compiler]'") from None
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    _require_compiler()
+    from compiler.build import compile_recipe
+
+    out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet)
+    report = json.loads((out / "verify.json").read_text())
+    _print_report(report)
+    print(f"wrote {out}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    _require_compiler()
+    from compiler.source import open_source
+    from compiler.verify import verify_artifact
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(args.artifact)
+    source = open_source(manifest.source.location)
+    if source.spec.sha256 != manifest.source.sha256:
+        raise TandemError(f"{manifest.source.location}: the source model changed since compile (sha256 differs)")
+    report = verify_artifact(args.artifact, source, show_progress=True)
+    (args.artifact / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_report(report)
+    if report["failures"]:
+        raise TandemError("verify failed:\n  " + "\n  ".join(report["failures"]))
+
+
+def _print_report(report: dict) -> None:
+    worst = max(report["graphs"], key=lambda g: g["max_rel_error"])
+    print(f"verify: {len(report['graphs'])} graphs, worst max rel error {worst['max_rel_error']:.2e} ({worst['graph']})", file=sys.stderr)
+    for c in report["chain"]:
+        print(
+            f"verify: prompt of {c['prompt_tokens']} tokens: logits max abs error {c['logits_max_abs_error']:.2e}, "
+            f"greedy agreement {c['greedy_agreement']:.0%} over {c['new_tokens']} tokens",
+            file=sys.stderr,
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = runtime_cli.parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    c = sub.add_parser("compile", help="compile a recipe into an artifact directory")
+    c.add_argument("recipe", type=Path)
+    c.add_argument("--model", default=None, help="checkpoint dir, hub id in the local cache, .gguf file, or 'default'")
+    c.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<recipe name>)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compile)
+    v = sub.add_parser("verify", help="re-run verification of an artifact against its source model")
+    v.add_argument("artifact", type=Path)
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime_cli.run(parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

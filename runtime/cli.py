@@ -1,0 +1,139 @@
+"""The runtime's commands: generate, chat, info. Errors are one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import TandemError
+
+
+def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _sampling_args(p)
+    p.add_argument("--stats", action="store_true", help="print timing stats to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="graphs, roles, requested vs resolved execution providers, sizes")
+    p.add_argument("artifact", type=Path)
+    p.set_defaults(func=cmd_info)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+
+
+def _sampling(gen, args):
+    return gen.sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from runtime.generate import Generator
+
+    gen = Generator.load(args.artifact, threads=args.threads)
+    ids = gen.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else gen.tokenizer.encode(args.prompt)
+    for chunk in gen.stream(ids, args.max_tokens, _sampling(gen, args)):
+        print(chunk.text, end="", flush=True)
+    print()
+    if args.stats:
+        s = chunk.stats
+        print(
+            f"[{s.prompt_tokens} prompt tokens, {s.completion_tokens} generated, finish={chunk.finish_reason}, "
+            f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from runtime.generate import Generator
+
+    gen = Generator.load(args.artifact, threads=args.threads)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("tandem chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for chunk in gen.stream(gen.chat_prompt(messages), args.max_tokens, _sampling(gen, args)):
+                reply += chunk.text
+                print(chunk.text, end="", flush=True)
+        except TandemError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from runtime.engine import Engine
+
+    engine = Engine(args.artifact, threads=1)
+    m = engine.manifest
+    sizes = {f.path: f.size for f in m.files}
+    print(f"artifact  {m.name}  (format {m.format_version})")
+    print(f"source    {m.source.kind} {m.source.location}  sha256 {m.source.sha256[:16]}")
+    print(f"model     {m.model.num_layers} layers, hidden {m.model.hidden_size}, heads {m.model.num_heads}/{m.model.num_kv_heads} kv, vocab {m.model.vocab_size}")
+    print(f"context   {m.kv_cache.capacity} tokens, prefill chunk {m.prefill_chunk}")
+    print("roles     " + "; ".join(f"{role}: {' > '.join(p.name for p in spec.providers)}" for role, spec in m.roles.items()))
+    print(f"{'graph':<28} {'role':<5} {'requested':<10} {'resolved':<9} {'MB':>8}  note")
+    for g, place in zip(m.graphs, engine.placements):
+        mb = sum(size for path, size in sizes.items() if path.startswith(g.file)) / 1e6
+        note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
+        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {place.provider:<9} {mb:>8.1f}  {note}")
+    resolved = sorted({p.provider for p in engine.placements})
+    print(f"total     {sum(sizes.values()) / 1e6:.1f} MB; graphs run on: {', '.join(resolved)}")
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, dispatch, and turn every error into one line on stderr (TANDEM_DEBUG=1 shows tracebacks)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="tandem: %(message)s")
+    func: Callable = args.func
+    try:
+        func(args)
+    except TandemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets one line; TANDEM_DEBUG shows the rest
+        if os.environ.get("TANDEM_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set TANDEM_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_runtime_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser(), argv)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints compiled through the real pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import make_checkpoint
+
+RECIPE = {
+    "name": "tiny",
+    "max_context": 96,
+    "prefill_chunk": 8,
+    "roles": {"npu": {"providers": ["VitisAI", "CPU"]}, "igpu": {"providers": ["MIGraphX", "DML", "CPU"]}, "cpu": {"providers": ["CPU"]}},
+    "placement": {"embed": "cpu", "attention": "npu", "ffn": "igpu", "head": "igpu"},
+    "verify": {"new_tokens": 12, "prompts": ["def fibonacci(n):", "SELECT id FROM orders"]},
+}
+
+
+def write_recipe(directory: Path, **changes) -> Path:
+    path = directory / f"{changes.get('name', 'tiny')}.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, **changes}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """The tiny model compiled twice: one graph per block (NPU/iGPU roles falling back to CPU) and fused."""
+    from compiler.build import compile_recipe
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {
+        "split": compile_recipe(write_recipe(root, name="split"), model=str(checkpoint), out=root / "split", show_progress=False),
+        "fused": compile_recipe(
+            write_recipe(root, name="fused", fuse=True, placement={k: "cpu" for k in RECIPE["placement"]}),
+            model=str(checkpoint), out=root / "fused", show_progress=False,
+        ),
+    }

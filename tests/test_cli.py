@@ -1,0 +1,39 @@
+"""The `tandem` command: output of info/generate, and one-line errors instead of tracebacks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from compiler.cli import main
+
+
+def test_info_shows_requested_and_resolved(artifacts, capsys):
+    assert main(["info", str(artifacts["split"])]) == 0
+    out = capsys.readouterr().out
+    assert "attention.0                  npu   VitisAI    CPU" in out
+    assert "ffn.1                        igpu  MIGraphX   CPU" in out
+    assert "fallback: VitisAI: not in this onnxruntime build" in out
+    assert "graphs run on: CPU" in out
+
+
+def test_generate_greedy(artifacts, capsys):
+    argv = ["generate", str(artifacts["fused"]), "--prompt", "def fib", "--chat", "--max-tokens", "8", "--temperature", "0", "--stats"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert first.out == second.out
+    assert "prompt tokens" in first.err and "tok/s" in first.err
+
+
+def test_errors_are_one_line(tmp_path):
+    cases = [
+        ["info", str(tmp_path / "nothing")],
+        ["compile", str(tmp_path / "missing.yaml")],
+        ["generate", str(tmp_path), "--prompt", "x"],
+    ]
+    for argv in cases:
+        proc = subprocess.run([sys.executable, "-m", "compiler.cli", *argv], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

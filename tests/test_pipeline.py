@@ -1,0 +1,165 @@
+"""Compiler + runtime end to end on tiny random Qwen2 checkpoints (fast tier)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from compiler.plan import plan
+from compiler.recipe import load_recipe
+from runtime.engine import Engine
+from runtime.errors import TandemError
+from runtime.generate import Generator
+from runtime.manifest import load_manifest
+from tests.conftest import write_recipe
+
+
+def reference_logits(checkpoint, tokens: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def test_verify_report_within_tolerance(artifacts):
+    for artifact in artifacts.values():
+        report = json.loads((artifact / "verify.json").read_text())
+        assert report["failures"] == []
+        assert report["greedy_agreement"] == 1.0
+        assert max(g["max_rel_error"] for g in report["graphs"]) < 1e-5
+        assert max(c["logits_max_abs_error"] for c in report["chain"]) < 1e-4
+        # one of the chain prompts is longer than a prefill chunk
+        assert max(c["prompt_tokens"] for c in report["chain"]) > load_manifest(artifact).prefill_chunk
+
+
+def test_partitions(artifacts):
+    split, fused = (load_manifest(artifacts[k]) for k in ("split", "fused"))
+    assert [g.name for g in split.graphs][:3] == ["embed", "attention.0", "ffn.0"]
+    assert len(split.graphs) == 2 + 2 * split.model.num_layers
+    assert {g.role for g in split.graphs if g.name.startswith("attention")} == {"npu"}
+    assert {g.role for g in split.graphs if g.name.startswith("ffn")} == {"igpu"}
+    assert [g.name for g in fused.graphs] == ["embed-to-head"]
+
+
+def test_fused_and_split_give_the_same_logits_across_chunks(artifacts, checkpoint):
+    """Prefill across chunk boundaries (chunk 8, 21 tokens) then decode steps, against transformers."""
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 24)]
+    expected = reference_logits(checkpoint, tokens)
+    for name, artifact in artifacts.items():
+        engine = Engine(artifact)
+        got = [engine.forward(0, tokens[:21])]
+        got += [engine.forward(0, [t]) for t in tokens[21:]]
+        np.testing.assert_allclose(np.stack(got), expected[20:], atol=1e-4, err_msg=name)
+
+
+def test_slots_are_independent(artifacts):
+    engine = Engine(artifacts["split"], slots=2)
+    a, b = [5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42]
+    alone = engine.forward(1, b)
+    engine.reset(1)
+    engine.forward(0, a)
+    np.testing.assert_allclose(engine.forward(1, b), alone, atol=1e-6)
+    assert engine.cache.lengths.tolist() == [len(a), len(b)]
+
+
+def test_context_that_does_not_fit(artifacts):
+    engine = Engine(artifacts["fused"])
+    with pytest.raises(TandemError, match="does not fit"):
+        engine.forward(0, [5] * 97)
+    gen = Generator.load(artifacts["fused"])
+    with pytest.raises(TandemError, match="prompt of 96 tokens does not fit the context of 96"):
+        next(gen.stream([5] * 96, 4, gen.sampling(temperature=0)))
+    # a prompt that fits but leaves little room stops at the context length
+    chunks = list(gen.stream([5] * 90, 50, gen.sampling(temperature=0)))
+    assert chunks[-1].finish_reason in ("length", "stop") and chunks[-1].stats.completion_tokens <= 6
+
+
+def test_greedy_generation_matches_transformers(artifacts, checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gen = Generator.load(artifacts["split"])
+    ids = gen.chat_prompt([{"role": "user", "content": "def fibonacci(n):"}])
+    hf_tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf_ids = hf_tok.apply_chat_template([{"role": "user", "content": "def fibonacci(n):"}], add_generation_prompt=True, tokenize=True)
+    assert ids == list(hf_ids["input_ids"] if isinstance(hf_ids, dict) else hf_ids)
+    chunks = list(gen.stream(ids, 20, gen.sampling(temperature=0)))
+    ours = [c.token_id for c in chunks if c.token_id is not None]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=gen.eos_token_ids and list(gen.eos_token_ids))
+    theirs = [t for t in out[0, len(ids):].tolist() if t not in gen.eos_token_ids]
+    assert ours == theirs
+    assert "".join(c.text for c in chunks) == gen.tokenizer.decode(ours)
+
+
+def test_seeded_sampling_is_reproducible(artifacts):
+    gen = Generator.load(artifacts["fused"])
+    ids = gen.tokenizer.encode("hello")
+    run = lambda seed: [c.token_id for c in gen.stream(ids, 16, gen.sampling(temperature=1.0, top_k=50, top_p=0.95, seed=seed))]  # noqa: E731
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_tampered_artifact_is_refused_naming_the_file(artifacts, tmp_path):
+    copy = shutil.copytree(artifacts["split"], tmp_path / "copy")
+    data = copy / "graphs" / "ffn.1.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(TandemError, match=r"ffn\.1\.onnx\.data: sha256 mismatch"):
+        Engine(copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(TandemError, match=r"tokenizer\.json: missing"):
+        load_manifest(copy)
+
+
+def test_manifest_version_and_unknown_keys(artifacts, tmp_path):
+    copy = shutil.copytree(artifacts["fused"], tmp_path / "copy")
+    path = copy / "manifest.yaml"
+    original = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**original, "format_version": 99}))
+    with pytest.raises(TandemError, match="format_version 99 is newer"):
+        load_manifest(copy)
+    path.write_text(yaml.safe_dump({**original, "surprise": 1}))
+    with pytest.raises(TandemError, match="surprise: unknown key"):
+        load_manifest(copy)
+
+
+def test_failed_verify_leaves_no_artifact(checkpoint, tmp_path):
+    from compiler.build import compile_recipe
+
+    recipe = write_recipe(tmp_path, name="strict", verify={"prompts": ["hi"], "graph_max_rel_error": 1e-30})
+    with pytest.raises(TandemError, match="verify failed"):
+        compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["strict.yaml"]
+
+
+def test_plan_fuses_adjacent_blocks_of_one_role(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, fuse=True, placement={"embed": "cpu", "attention": "npu", "ffn": "igpu", "head": "igpu"}))
+    assert [g.name for g in plan(recipe, 2)] == ["embed", "attention.0", "ffn.0", "attention.1", "ffn.1-to-head"]
+
+
+def test_sources(tmp_path, checkpoint, monkeypatch):
+    from compiler.source import open_source
+
+    with pytest.raises(TandemError, match="never downloads"):
+        open_source("Qwen/Qwen2.5-7B-Instruct-not-cached")
+    with pytest.raises(TandemError, match="GGUF file not found"):
+        open_source(str(tmp_path / "missing.gguf"))
+    # a hub id resolved from the local cache only
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--tiny--qwen" / "snapshots" / "abc123"
+    shutil.copytree(checkpoint, snapshot)
+    (tmp_path / "hub" / "models--tiny--qwen" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--qwen" / "refs" / "main").write_text("abc123")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = open_source("tiny/qwen")
+    assert source.config.num_layers == 2
+    np.testing.assert_array_equal(source.tensor("model.norm.weight"), open_source(str(checkpoint)).tensor("model.norm.weight"))
