@@ -143,9 +143,10 @@ def _reference(blocks: list[Block], source: ModelSource) -> Callable[[torch.Tens
 # --- chain ----------------------------------------------------------------------------------------
 
 
-def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, prefill_chunk: int) -> list[str]:
+def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -> list[str]:
     """The recipe's prompts plus one longer than a prefill chunk (real code from the standard library)."""
-    code = tokenizer.encode(inspect.getsource(textwrap))[: prefill_chunk + prefill_chunk // 2]
+    room = manifest.kv_cache.capacity - spec.new_tokens - 32  # leave space for the chat template and the answer
+    code = tokenizer.encode(inspect.getsource(textwrap))[: min(manifest.prefill_chunk * 3 // 2, room)]
     return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
 
 
@@ -156,7 +157,7 @@ def verify_chain(directory: Path, manifest: Manifest, source: ModelSource, spec:
     engine = Engine(directory)
     reference = source.reference_model()
     results = []
-    for prompt in progress(verify_prompts(spec, tokenizer, manifest.prefill_chunk), show_progress, "verifying chain"):
+    for prompt in progress(verify_prompts(spec, tokenizer, manifest), show_progress, "verifying chain"):
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
         ours, our_logits = _greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)
         engine.reset(0)
@@ -172,6 +173,7 @@ def verify_chain(directory: Path, manifest: Manifest, source: ModelSource, spec:
             "logits_max_abs_error_all_steps": max(errors),
             "greedy_agreement": agree / max(len(ours), len(theirs), 1),
             "text": tokenizer.decode(ours),
+            "reference_text": tokenizer.decode(theirs),
         })
     return results
 

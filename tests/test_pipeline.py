@@ -85,8 +85,8 @@ def test_greedy_generation_matches_transformers(artifacts, checkpoint):
     gen = Generator.load(artifacts["split"])
     ids = gen.chat_prompt([{"role": "user", "content": "def fibonacci(n):"}])
     hf_tok = AutoTokenizer.from_pretrained(checkpoint)
-    hf_ids = hf_tok.apply_chat_template([{"role": "user", "content": "def fibonacci(n):"}], add_generation_prompt=True, tokenize=True)
-    assert ids == list(hf_ids["input_ids"] if isinstance(hf_ids, dict) else hf_ids)
+    hf_text = hf_tok.apply_chat_template([{"role": "user", "content": "def fibonacci(n):"}], add_generation_prompt=True, tokenize=False)
+    assert ids == hf_tok.encode(hf_text, add_special_tokens=False)
     chunks = list(gen.stream(ids, 20, gen.sampling(temperature=0)))
     ours = [c.token_id for c in chunks if c.token_id is not None]
     model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
@@ -107,11 +107,13 @@ def test_seeded_sampling_is_reproducible(artifacts):
 def test_tampered_artifact_is_refused_naming_the_file(artifacts, tmp_path):
     copy = shutil.copytree(artifacts["split"], tmp_path / "copy")
     data = copy / "graphs" / "ffn.1.onnx.data"
-    raw = bytearray(data.read_bytes())
+    original = data.read_bytes()
+    raw = bytearray(original)
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     with pytest.raises(TandemError, match=r"ffn\.1\.onnx\.data: sha256 mismatch"):
         Engine(copy)
+    data.write_bytes(original)
     (copy / "tokenizer.json").unlink()
     with pytest.raises(TandemError, match=r"tokenizer\.json: missing"):
         load_manifest(copy)
@@ -132,7 +134,7 @@ def test_manifest_version_and_unknown_keys(artifacts, tmp_path):
 def test_failed_verify_leaves_no_artifact(checkpoint, tmp_path):
     from compiler.build import compile_recipe
 
-    recipe = write_recipe(tmp_path, name="strict", verify={"prompts": ["hi"], "graph_max_rel_error": 1e-30})
+    recipe = write_recipe(tmp_path, name="strict", verify={"prompts": ["hi"], "new_tokens": 4, "graph_max_rel_error": 1e-30})
     with pytest.raises(TandemError, match="verify failed"):
         compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
