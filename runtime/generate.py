@@ -62,11 +62,16 @@ class Generator:
         return {int(t) for t in np.atleast_1d(self.defaults.get("eos_token_id", []))}
 
     def sampling(self, **overrides) -> SamplingParams:
-        """Sampling parameters: the artifact's generation defaults, then the caller's non-None overrides."""
+        """Sampling parameters: the caller's non-None values over the model's sampling defaults.
+
+        temperature 0 is greedy decoding, the argmax of the model's logits: the model's default sampling
+        settings (top-k/p, repetition penalty) are then not applied; only the caller's explicit ones are.
+        """
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        greedy = explicit.get("temperature", self.defaults.get("temperature", 1.0)) == 0
         keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-        values = {k: self.defaults[k] for k in keys if self.defaults.get(k) is not None}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        params = SamplingParams(**values)
+        defaults = {} if greedy else {k: self.defaults[k] for k in keys if self.defaults.get(k) is not None}
+        params = SamplingParams(**{**defaults, **explicit})
         params.validate()
         return params
 

@@ -165,3 +165,14 @@ def test_sources(tmp_path, checkpoint, monkeypatch):
     source = open_source("tiny/qwen")
     assert source.config.num_layers == 2
     np.testing.assert_array_equal(source.tensor("model.norm.weight"), open_source(str(checkpoint)).tensor("model.norm.weight"))
+
+
+def test_sampling_defaults(artifacts):
+    gen = Generator.load(artifacts["fused"])
+    gen.defaults = {**gen.defaults, "temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}
+    assert gen.sampling().repetition_penalty == 1.1 and gen.sampling().top_k == 20
+    greedy = gen.sampling(temperature=0)
+    assert (greedy.temperature, greedy.top_k, greedy.repetition_penalty) == (0, 0, 1.0)
+    assert gen.sampling(temperature=0, repetition_penalty=1.2).repetition_penalty == 1.2
+    with pytest.raises(TandemError, match="top_p"):
+        gen.sampling(top_p=0)
