@@ -17,7 +17,7 @@ from compiler.recipe import Recipe, load_recipe
 from compiler.source import ModelSource, open_source
 from runtime import manifest as names
 from runtime.errors import TandemError
-from runtime.manifest import FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, file_entry
+from runtime.manifest import FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, TensorSpec, file_entry
 
 
 def compile_recipe(recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True) -> Path:
@@ -50,6 +50,17 @@ def _replace(work: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tensor_specs(values) -> dict[str, TensorSpec]:
+    """Name -> dtype and shape of a graph's inputs or outputs, as the manifest records them."""
+    return {
+        v.name: TensorSpec(
+            dtype=onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            shape=[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+        )
+        for v in values
+    }
+
+
 def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progress: bool = True) -> Manifest:
     cfg = source.config
     if recipe.max_context > cfg.max_position_embeddings:
@@ -68,8 +79,8 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             file=file.relative_to(root).as_posix(),
             role=graph.role,
             blocks=[b.name for b in graph.blocks],
-            inputs=[i.name for i in model.graph.input],
-            outputs=[o.name for o in model.graph.output],
+            inputs=tensor_specs(model.graph.input),
+            outputs=tensor_specs(model.graph.output),
         ))
         del model
     source.save_tokenizer(root)
@@ -90,5 +101,5 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
         schedule=[g.name for g in specs],
         files=[file_entry(root, p) for p in files],
     )
-    (root / names.MANIFEST).write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, width=120))
+    (root / names.MANIFEST).write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, width=120, default_flow_style=None))
     return manifest

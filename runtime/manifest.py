@@ -113,6 +113,11 @@ class FileEntry(Strict):
     size: int
 
 
+class TensorSpec(Strict):
+    dtype: str
+    shape: list[int | str]  # a string names a dimension fixed at run time (batch, sequence, capacity, ...)
+
+
 class GraphSpec(Strict):
     name: str
     file: str
@@ -120,8 +125,8 @@ class GraphSpec(Strict):
     blocks: list[str]
     dialect: Literal["contrib"] = "contrib"
     dtype: Literal["fp32"] = "fp32"
-    inputs: list[str]
-    outputs: list[str]
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
 
 
 class KVCacheSpec(Strict):

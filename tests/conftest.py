@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Qwen2 checkpoints compiled through the real pipeline."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,21 @@ def artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
             model=str(checkpoint), out=root / "fused", show_progress=False,
         ),
     }
+
+
+def tandem(*args: str) -> subprocess.CompletedProcess:
+    """Run the `tandem` CLI in a subprocess; it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def real_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """The real default model compiled with the default recipe and with the Ryzen AI recipe (slow tier)."""
+    recipes = Path(__file__).parent.parent / "recipes"
+    root = tmp_path_factory.mktemp("real")
+    out = {"cpu": root / "cpu", "ryzen-ai": root / "ryzen-ai"}
+    tandem("compile", str(recipes / "qwen2.5-coder-0.5b-instruct.cpu.yaml"), "-o", str(out["cpu"]), "--quiet")
+    tandem("compile", str(recipes / "qwen2.5-7b-instruct.ryzen-ai.yaml"), "--model", "default", "-o", str(out["ryzen-ai"]), "--quiet")
+    return out

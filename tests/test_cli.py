@@ -37,3 +37,23 @@ def test_errors_are_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_chat_streams_and_keeps_history(artifacts):
+    proc = subprocess.run(
+        [sys.executable, "-m", "compiler.cli", "chat", str(artifacts["fused"]), "--max-tokens", "6", "--temperature", "0"],
+        input="hello\nSELECT id\n\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") == 3  # two turns answered, then the empty line ends the chat
+
+
+def test_runtime_imports_no_torch(artifacts):
+    code = (
+        "import sys; from runtime.generate import Generator; g = Generator.load(sys.argv[1]); "
+        "list(g.stream(g.chat_prompt([{'role': 'user', 'content': 'hi'}]), 4, g.sampling(temperature=0))); "
+        "bad = [m for m in ('torch', 'transformers', 'compiler', 'onnx') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(artifacts["fused"])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,4 @@
 import json
-import os
 import random
 from pathlib import Path
 
@@ -188,11 +187,8 @@ def test_stream_decoder_matches_full_decode_on_random_ids(tok: Tokenizer, skip_s
 
 
 @pytest.mark.slow
-def test_real_qwen_tokenizer() -> None:
-    directory = os.environ.get("TANDEM_TEST_TOKENIZER_DIR")
-    if not directory or not Path(directory).is_dir():
-        pytest.skip("set TANDEM_TEST_TOKENIZER_DIR to a Qwen2.5 tokenizer directory")
-    tok = Tokenizer.from_dir(Path(directory))
+def test_real_qwen_tokenizer(real_artifacts) -> None:
+    tok = Tokenizer.from_dir(real_artifacts["cpu"])
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
