@@ -12,11 +12,14 @@ import yaml
 
 from compiler.graphs import build_graph, rope_tables
 from compiler.progress import progress
+from compiler.calibrate import feeds, first_samples, propagate
 from compiler.plan import plan
+from compiler.quantize import graph_quantization, quantize
 from compiler.recipe import Recipe, load_recipe
 from compiler.source import ModelSource, open_source
 from runtime import manifest as names
 from runtime.errors import TandemError
+from runtime.tokenizer import Tokenizer
 from runtime.manifest import FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, TensorSpec, file_entry
 
 
@@ -50,6 +53,13 @@ def _replace(work: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save(model: onnx.ModelProto, file: Path) -> None:
+    """Save with the weights in one external data file beside it (replacing an earlier version)."""
+    data = file.with_name(file.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, file, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+
+
 def tensor_specs(values) -> dict[str, TensorSpec]:
     """Name -> dtype and shape of a graph's inputs or outputs, as the manifest records them."""
     return {
@@ -65,26 +75,36 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     cfg = source.config
     if recipe.max_context > cfg.max_position_embeddings:
         raise TandemError(f"max_context {recipe.max_context} exceeds the model's {cfg.max_position_embeddings} positions")
+    source.save_tokenizer(root)
+    rope = rope_tables(source.hf_config, recipe.max_context)
+    np.save(root / names.ROPE_FILE, rope)
+    quantization = recipe.quantization
+    samples = first_samples(Tokenizer.from_dir(root), recipe.calibration) if quantization.needs_calibration() else None
     graphs_dir = root / "graphs"
     graphs_dir.mkdir()
-    planned = plan(recipe, cfg.num_layers)
     specs = []
-    for graph in progress(planned, show_progress, "building graphs"):
+    for graph in progress(plan(recipe, cfg.num_layers), show_progress, "building graphs"):
         model = build_graph(graph, source.tensor, cfg)
         file = graphs_dir / f"{graph.name}.onnx"
-        onnx.save_model(model, file, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{graph.name}.onnx.data", size_threshold=1024)
+        inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
+        _save(model, file)
+        calibration = [feeds(inputs, x, rope) for x in samples] if samples else None
+        if samples and names.HIDDEN_NEXT in outputs:
+            samples = propagate(file, inputs, samples, rope)
+        described = graph_quantization(model, quantization)
+        if any(d != "fp32" for d in described.values()):
+            model = quantize(onnx.load(file), quantization, calibration)  # saving moved the weights out of `model`
+            _save(model, file)
         specs.append(GraphSpec(
             name=graph.name,
             file=file.relative_to(root).as_posix(),
             role=graph.role,
             blocks=[b.name for b in graph.blocks],
-            inputs=tensor_specs(model.graph.input),
-            outputs=tensor_specs(model.graph.output),
+            quantization=described,
+            inputs=inputs,
+            outputs=outputs,
         ))
         del model
-    source.save_tokenizer(root)
-    np.save(root / names.ROPE_FILE, rope_tables(source.hf_config, recipe.max_context))
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     files = sorted(p for p in root.rglob("*") if p.is_file())

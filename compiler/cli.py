@@ -39,7 +39,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     source = open_source(manifest.source.location)
     if source.spec.sha256 != manifest.source.sha256:
         raise TandemError(f"{manifest.source.location}: the source model changed since compile (sha256 differs)")
-    report = verify_artifact(args.artifact, source, show_progress=True)
+    report = verify_artifact(args.artifact, source, show_progress=True, eval_windows=args.eval_windows)
     (args.artifact / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report)
     if report["failures"]:
@@ -55,6 +55,13 @@ def _print_report(report: dict) -> None:
             f"greedy agreement {c['greedy_agreement']:.0%} over {c['new_tokens']} tokens",
             file=sys.stderr,
         )
+    if f := report.get("fidelity"):
+        print(
+            f"verify: {f['tokens']} held-out tokens: perplexity {f['perplexity']:.4f} vs fp32 {f['reference_perplexity']:.4f} "
+            f"({f['perplexity_delta']:+.2%}), top-1 agreement {f['top1_agreement']:.2%}, KL {f['kl_mean']:.4f}",
+            file=sys.stderr,
+        )
+    print(f"verify: {report['size_bytes'] / 1e6:.0f} MB on disk, runtime peak RSS {report['runtime_peak_rss_bytes'] / 1e6:.0f} MB", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
     v = sub.add_parser("verify", help="re-run verification of an artifact against its source model")
     v.add_argument("artifact", type=Path)
+    v.add_argument("--eval-windows", type=int, default=None, help="held-out text windows to evaluate (default: the recipe's)")
     v.set_defaults(func=cmd_verify)
     return p
 

@@ -26,6 +26,7 @@ class GraphBuilder:
         self.inputs: dict[str, onnx.ValueInfoProto] = {}
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
+        self.scope = ""  # the block being built; node names start with it (quantization selects nodes by block)
 
     def input(self, name: str, elem_type: int, shape: list[int | str]) -> str:
         if name not in self.inputs:
@@ -42,9 +43,9 @@ class GraphBuilder:
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
         self._count += 1
         if isinstance(outputs, int):
-            outputs = [f"/{op_type}_{self._count}/out{i}" for i in range(outputs)]
+            outputs = [f"/{self.scope}/{op_type}_{self._count}/out{i}" for i in range(outputs)]
         self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=f"/{op_type}_{self._count}", domain=domain, **attrs)
+            helper.make_node(op_type, inputs, outputs, name=f"/{self.scope}/{op_type}_{self._count}", domain=domain, **attrs)
         )
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -139,6 +140,7 @@ def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig) -> onnx.ModelPro
     b = GraphBuilder(graph.name)
     x = None if graph.blocks[0].kind == "embed" else b.input(names.HIDDEN, TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
     for block in graph.blocks:
+        b.scope = block.name
         x = MAKERS[block.kind](b, w, cfg, block, x)
     if graph.blocks[-1].kind == "head":
         b.output(b.rename(x, names.LOGITS), TensorProto.FLOAT, ["batch", "positions", cfg.vocab_size])

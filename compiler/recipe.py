@@ -20,12 +20,56 @@ class Placement(Strict):
     head: Role
 
 
+Scheme = Literal["fp32", "fp16", "int4", "int8", "int8-qdq"]
+
+
+class QuantSpec(Strict):
+    """How one block kind's weights are stored and computed.
+
+    int4 / int8: weight-only, blocks of `block_size` along the input dimension (MatMulNBits, GatherBlockQuantized);
+    int8-qdq: static QuantizeLinear/DequantizeLinear around standard MatMul, per-channel weights and activation
+    ranges calibrated on real text (the form NPU compilers take); fp16: weights and compute in half precision.
+    """
+
+    scheme: Scheme = "fp32"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = False
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits: lowest precision of the activations (4 = int8)
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+
+
+class Quantization(Strict):
+    embedding: QuantSpec = QuantSpec()
+    attention: QuantSpec = QuantSpec()
+    ffn: QuantSpec = QuantSpec()
+    lm_head: QuantSpec = QuantSpec()
+
+    @model_validator(mode="after")
+    def _supported(self) -> "Quantization":
+        if self.embedding.scheme in ("int8", "int8-qdq"):
+            raise ValueError("embedding.scheme: the embedding takes fp32, fp16 or int4 (GatherBlockQuantized)")
+        return self
+
+    def needs_calibration(self) -> bool:
+        return any(spec.scheme == "int8-qdq" for _, spec in self)
+
+
+class CalibrationSpec(Strict):
+    """Real text (the calibration part of compiler.evaltext) run through the fp32 graphs to set activation ranges."""
+
+    windows: int = Field(default=8, gt=0)
+    window: int = Field(default=256, gt=1)
+
+
 class VerifySpec(Strict):
     prompts: list[str] = Field(min_length=1)
     new_tokens: int = Field(default=64, gt=0)
     graph_max_rel_error: float = Field(default=1e-4, gt=0)
     logits_max_abs_error: float = Field(default=1e-2, gt=0)
     greedy_agreement: float = Field(default=1.0, ge=0, le=1)
+    eval_windows: int = Field(default=4, ge=0)  # held-out text windows for perplexity, top-1 agreement and KL
+    eval_window: int = Field(default=512, gt=1)
+    max_perplexity_delta: float = Field(default=0.01, gt=0)  # relative to the fp32 reference
 
 
 class GenerationDefaults(Strict):
@@ -41,7 +85,8 @@ class GenerationDefaults(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     model: str = "default"
-    dtype: Literal["fp32"] = "fp32"
+    quantization: Quantization = Quantization()
+    calibration: CalibrationSpec = CalibrationSpec()
     max_context: int = Field(default=4096, gt=0)
     prefill_chunk: int = Field(default=256, gt=0)
     fuse: bool = False
@@ -55,6 +100,10 @@ class Recipe(Strict):
         for kind, role in self.placement.model_dump().items():
             if role not in self.roles:
                 raise ValueError(f"placement.{kind} is {role!r}, which has no entry under roles")
+        if self.verify.eval_windows and self.verify.eval_window > self.max_context:
+            raise ValueError(f"verify.eval_window {self.verify.eval_window} exceeds max_context {self.max_context}")
+        if self.quantization.needs_calibration() and self.calibration.window > self.max_context:
+            raise ValueError(f"calibration.window {self.calibration.window} exceeds max_context {self.max_context}")
         return self
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +14,8 @@ import onnxruntime as ort
 import torch
 
 from compiler.progress import progress
+from compiler.evaltext import windows
+from compiler.fidelity import evaluate
 from compiler.plan import Block
 from compiler.recipe import Recipe, VerifySpec
 from compiler.source import ModelSource
@@ -25,12 +29,16 @@ from runtime.tokenizer import Tokenizer
 PREFIX, SUFFIX = 7, 5  # verify a graph in two calls: a prefill of PREFIX tokens, then SUFFIX more over the cache
 
 
-def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = False) -> dict[str, Any]:
-    """Measure every graph and the whole chain; `failures` lists what misses the recipe's tolerances."""
+def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = False, eval_windows: int | None = None) -> dict[str, Any]:
+    """Measure every graph, the whole chain and its fidelity on held-out text; `failures` lists what misses the recipe's tolerances."""
     manifest = load_manifest(directory)
     spec = Recipe.model_validate(manifest.recipe).verify
     graphs = [verify_graph(directory, manifest, g, source) for g in progress(manifest.graphs, show_progress, "verifying graphs")]
-    chain = verify_chain(directory, manifest, source, spec, show_progress)
+    tokenizer, engine, reference = Tokenizer.from_dir(directory), Engine(directory), source.reference_model()
+    chain = verify_chain(directory, manifest, tokenizer, engine, reference, spec, show_progress)
+    count = spec.eval_windows if eval_windows is None else eval_windows
+    fidelity = verify_fidelity(tokenizer, engine, reference, count, spec.eval_window, show_progress) if count else None
+    del engine, reference
     failures = [
         f"graph {g['graph']}: max relative error {g['max_rel_error']:.3g} > {spec.graph_max_rel_error:g}"
         for g in graphs if g["max_rel_error"] > spec.graph_max_rel_error
@@ -40,15 +48,49 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
             failures.append(f"prompt {c['prompt'][:40]!r}: logits error {c['logits_max_abs_error']:.3g} > {spec.logits_max_abs_error:g}")
         if c["greedy_agreement"] < spec.greedy_agreement:
             failures.append(f"prompt {c['prompt'][:40]!r}: greedy agreement {c['greedy_agreement']:.2%} < {spec.greedy_agreement:.0%}")
+    if fidelity and fidelity["perplexity_delta"] > spec.max_perplexity_delta:
+        failures.append(f"perplexity {fidelity['perplexity']:.4g} is {fidelity['perplexity_delta']:+.2%} vs fp32 {fidelity['reference_perplexity']:.4g}, over {spec.max_perplexity_delta:.2%}")
     return {
         "artifact": manifest.name,
         "source": manifest.source.model_dump(),
+        "quantization": {g.name: g.quantization for g in manifest.graphs if g.quantization},
         "tolerances": spec.model_dump(exclude={"prompts"}),
         "graphs": graphs,
         "chain": chain,
         "greedy_agreement": min(c["greedy_agreement"] for c in chain),
+        "fidelity": fidelity,
+        "size_bytes": sum(f.size for f in manifest.files),
+        "runtime_peak_rss_bytes": runtime_peak_rss(directory),
         "failures": failures,
     }
+
+
+def verify_fidelity(tokenizer: Tokenizer, engine: Engine, reference, count: int, window: int, show_progress: bool) -> dict[str, Any]:
+    """Perplexity, top-1 agreement and KL vs the fp32 transformers reference on held-out text (compiler.evaltext)."""
+
+    def ours(tokens: list[int]) -> np.ndarray:
+        engine.reset(0)
+        return engine.forward(0, tokens, all_logits=True)
+
+    @torch.no_grad()
+    def theirs(tokens: list[int]) -> np.ndarray:
+        return reference(torch.tensor([tokens])).logits[0].float().numpy()
+
+    texts = windows(tokenizer, "evaluation", window, count)
+    result = evaluate(list(progress(texts, show_progress, "evaluating")), theirs, ours)
+    return {"windows": count, "window": window, **result}
+
+
+def runtime_peak_rss(directory: Path) -> int:
+    """Peak RSS of a fresh runtime process that loads the artifact and generates 16 tokens after a 256-token prompt."""
+    code = (
+        "import resource, sys; from runtime.generate import Generator; g = Generator.load(sys.argv[1]); "
+        "ids = (g.tokenizer.encode('The quick brown fox jumps over the lazy dog. ') * 256)[: min(256, g.engine.capacity // 2)]; "
+        "list(g.stream(ids, 16, g.sampling(temperature=0))); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 # --- graphs ---------------------------------------------------------------------------------------
@@ -150,17 +192,14 @@ def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -
     return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
 
 
-def verify_chain(directory: Path, manifest: Manifest, source: ModelSource, spec: VerifySpec, show_progress: bool) -> list[dict[str, Any]]:
-    tokenizer = Tokenizer.from_dir(directory)
+def verify_chain(directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, reference, spec: VerifySpec, show_progress: bool) -> list[dict[str, Any]]:
     generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
     eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
-    engine = Engine(directory)
-    reference = source.reference_model()
     results = []
     for prompt in progress(verify_prompts(spec, tokenizer, manifest), show_progress, "verifying chain"):
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-        ours, our_logits = _greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)
         engine.reset(0)
+        ours, our_logits = _greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)
         theirs, their_logits = _greedy(_torch_step(reference), ids, spec.new_tokens, eos)
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         steps = min(agree + 1, len(our_logits), len(their_logits))

@@ -93,25 +93,28 @@ class Engine:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def forward(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
-        """Append tokens to the slot's sequence (chunked prefill, or one decode token); logits of the last one."""
+    def forward(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the slot's sequence (chunked prefill, or one decode token).
+
+        Returns the logits of the last token [vocab], or with all_logits those of every token [len(tokens), vocab].
+        """
         if not tokens:
             raise TandemError("no tokens to run")
         length = int(self.cache.lengths[slot]) + len(tokens)
         if length > self.capacity:
             raise TandemError(f"context of {length} tokens does not fit the KV cache capacity of {self.capacity}")
         chunk = self.manifest.prefill_chunk
-        for start in range(0, len(tokens), chunk):
-            logits = self._step(slot, tokens[start : start + chunk])
-        return logits
+        logits = [self._step(slot, tokens[start : start + chunk], all_logits) for start in range(0, len(tokens), chunk)]
+        return np.concatenate(logits) if all_logits else logits[-1][-1]
 
-    def _step(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
-        values = step_values(self.cache, slot, len(tokens), self.rope, [len(tokens) - 1])
+    def _step(self, slot: int, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
+        positions = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
+        values = step_values(self.cache, slot, len(tokens), self.rope, positions)
         values[names.INPUT_IDS] = _tensor(np.array([tokens], dtype=np.int64))
         for graph in self.graphs:
             graph.run(values)
         self.cache.update(slot, len(tokens))
-        return values[names.LOGITS].numpy()[0, -1]
+        return values[names.LOGITS].numpy()[0]
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

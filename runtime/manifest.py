@@ -124,7 +124,7 @@ class GraphSpec(Strict):
     role: Role
     blocks: list[str]
     dialect: Literal["contrib"] = "contrib"
-    dtype: Literal["fp32"] = "fp32"
+    quantization: dict[str, str] = Field(default_factory=dict)  # block kind -> scheme, e.g. ffn: int4 block 32 asym acc4
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 

@@ -16,7 +16,7 @@ RECIPE = {
     "prefill_chunk": 8,
     "roles": {"npu": {"providers": ["VitisAI", "CPU"]}, "igpu": {"providers": ["MIGraphX", "DML", "CPU"]}, "cpu": {"providers": ["CPU"]}},
     "placement": {"embed": "cpu", "attention": "npu", "ffn": "igpu", "head": "igpu"},
-    "verify": {"new_tokens": 12, "prompts": ["def fibonacci(n):", "SELECT id FROM orders"]},
+    "verify": {"new_tokens": 12, "eval_windows": 2, "eval_window": 64, "prompts": ["def fibonacci(n):", "SELECT id FROM orders"]},
 }
 
 

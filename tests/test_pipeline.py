@@ -134,7 +134,7 @@ def test_manifest_version_and_unknown_keys(artifacts, tmp_path):
 def test_failed_verify_leaves_no_artifact(checkpoint, tmp_path):
     from compiler.build import compile_recipe
 
-    recipe = write_recipe(tmp_path, name="strict", verify={"prompts": ["hi"], "new_tokens": 4, "graph_max_rel_error": 1e-30})
+    recipe = write_recipe(tmp_path, name="strict", verify={"prompts": ["hi"], "new_tokens": 4, "eval_windows": 0, "graph_max_rel_error": 1e-30})
     with pytest.raises(TandemError, match="verify failed"):
         compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,132 @@
+"""quantize: a built fp32 graph's weights as the recipe says, per block kind, with ONNX Runtime's own tools.
+
+Nodes are selected by the block that made them (node names start with `/<block>/`, see graphs.GraphBuilder):
+MatMuls of attention and FFN blocks, the lm_head MatMul of the head block, the embedding's Gather.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from compiler.recipe import Quantization, QuantSpec
+
+KINDS = {"embed": "embedding", "attention": "attention", "ffn": "ffn", "head": "lm_head"}
+QUANTIZABLE = {"MatMul", "Gather"}
+
+
+def node_kind(node: onnx.NodeProto) -> str | None:
+    """The quantization kind of a weight-bearing node, or None for nodes quantization leaves alone."""
+    if node.op_type not in QUANTIZABLE:
+        return None
+    return KINDS.get(node.name.split("/")[1].split(".")[0])
+
+
+def describe(spec: QuantSpec) -> str:
+    if spec.scheme in ("int4", "int8"):
+        return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}"
+    if spec.scheme == "int8-qdq":
+        return f"int8-qdq {spec.calibration}"
+    return spec.scheme
+
+
+def graph_quantization(model: onnx.ModelProto, quantization: Quantization) -> dict[str, str]:
+    """Kind -> scheme description for the kinds present in this graph (what the manifest records)."""
+    weights = {i.name for i in model.graph.initializer}
+    kinds = {node_kind(n) for n in model.graph.node if any(i in weights for i in n.input)} - {None}
+    return {kind: describe(getattr(quantization, kind)) for kind in sorted(kinds)}
+
+
+def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None) -> onnx.ModelProto:
+    """Return the graph with each kind's nodes in its scheme (fp32 kinds untouched)."""
+    weights = {i.name for i in model.graph.initializer}
+    by_scheme: dict[tuple, list[str]] = {}
+    for node in model.graph.node:
+        kind = node_kind(node)
+        if kind and any(i in weights for i in node.input):
+            spec = getattr(quantization, kind)
+            if spec.scheme != "fp32":
+                by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
+    for (scheme, spec), nodes in by_scheme.items():
+        if scheme in ("int4", "int8"):
+            model = _weight_only(model, spec, nodes)
+    for (scheme, spec), nodes in by_scheme.items():
+        if scheme == "int8-qdq":
+            model = _static_qdq(model, spec, nodes, calibration or [])
+    fp16 = [n for (scheme, _), nodes in by_scheme.items() if scheme == "fp16" for n in nodes]
+    if fp16:
+        model = _fp16(model, fp16)
+    return model
+
+
+def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str]) -> onnx.ModelProto:
+    """MatMulNBits (and GatherBlockQuantized for the embedding) via ORT's MatMulNBitsQuantizer, RTN per block."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4 if spec.scheme == "int4" else 8,
+        block_size=spec.block_size,
+        is_symmetric=spec.symmetric,
+        accuracy_level=spec.accuracy_level,
+        nodes_to_include=nodes,
+        # the quantizer ORs nodes_to_include with op_types_to_quantize: name no op type so only `nodes` change
+        op_types_to_quantize=("NoSuchOp",),
+        quant_axes=(("Gather", 1),),
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 activations calibrated on samples."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not samples:
+        raise ValueError("int8-qdq needs calibration samples")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, items: Iterable[dict[str, np.ndarray]]) -> None:
+            self._it = iter(items)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, pre, out = (Path(tmp) / f"{n}.onnx" for n in ("raw", "pre", "out"))
+        onnx.save_model(model, raw, save_as_external_data=True, location="raw.onnx.data")
+        # ONNX's type inference does not know ORT's contrib ops: without symbolic shape inference first,
+        # quantize_static cannot type the activations and quantizes weights only.
+        quant_pre_process(str(raw), str(pre), skip_optimization=True, save_as_external_data=True,
+                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+        quantize_static(
+            str(pre), str(out), Reader(samples),
+            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+            calibrate_method=method[spec.calibration], use_external_data_format=True,
+        )
+        return onnx.load(out)
+
+
+def _fp16(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
+    """Half-precision weights and compute for `nodes`; everything else (the KV cache included) stays fp32."""
+    import os
+    import sys
+
+    import onnxruntime.transformers
+
+    sys.path.append(os.path.dirname(onnxruntime.transformers.__file__))  # onnx_model imports its siblings top-level
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    keep = [n.name for n in model.graph.node if n.name not in set(nodes)]
+    # OnnxModel (unlike the plain converter) inserts the Casts at the boundary of the blocked nodes correctly
+    wrapped.convert_float_to_float16(keep_io_types=True, node_block_list=keep, op_block_list=[])
+    return wrapped.model
