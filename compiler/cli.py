@@ -46,6 +46,20 @@ def cmd_verify(args: argparse.Namespace) -> None:
         raise TandemError("verify failed:\n  " + "\n  ".join(report["failures"]))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    _require_compiler()
+    from compiler.compare import compare, markdown
+    from compiler.source import open_source
+    from runtime.manifest import load_manifest
+
+    source = open_source(load_manifest(args.artifacts[0]).source.location)
+    rows = compare(args.artifacts, source, args.eval_windows, args.eval_window, genai=args.genai)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def _print_report(report: dict) -> None:
     worst = max(report["graphs"], key=lambda g: g["max_rel_error"])
     print(f"verify: {len(report['graphs'])} graphs, worst max rel error {worst['max_rel_error']:.2e} ({worst['graph']})", file=sys.stderr)
@@ -77,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("artifact", type=Path)
     v.add_argument("--eval-windows", type=int, default=None, help="held-out text windows to evaluate (default: the recipe's)")
     v.set_defaults(func=cmd_verify)
+    c = sub.add_parser("compare", help="artifacts of the same weights vs the fp32 reference on held-out text")
+    c.add_argument("artifacts", type=Path, nargs="+")
+    c.add_argument("--eval-windows", type=int, default=40)
+    c.add_argument("--eval-window", type=int, default=512)
+    c.add_argument("--genai", type=Path, action="append", default=[], help="an ORT GenAI builder output dir to evaluate too")
+    c.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

@@ -70,6 +70,9 @@ class ModelSource:
     def config(self) -> ModelConfig:
         return model_config(self.hf_config)
 
+    def tensor_names(self) -> set[str]:
+        return set(self._names)
+
     def tensor(self, name: str) -> np.ndarray:
         if name == "lm_head.weight" and name not in self._names:
             name = "model.embed_tokens.weight"  # tied embeddings
@@ -95,11 +98,11 @@ class ModelSource:
 
 
 def open_source(spec: str) -> ModelSource:
-    """`default`, a .gguf file, an HF checkpoint directory, or a hub id already in the local cache."""
-    if spec == "default":
-        from compiler.default_model import default_model_path
+    """`default` or a packaged model's name, a .gguf file, an HF checkpoint directory, or a hub id in the local cache."""
+    from compiler.packaged_models import DEFAULT, MODELS, packaged_model_path
 
-        return open_gguf(default_model_path())
+    if spec == "default" or spec in MODELS:
+        return open_gguf(packaged_model_path(DEFAULT if spec == "default" else spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

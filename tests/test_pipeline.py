@@ -176,3 +176,16 @@ def test_sampling_defaults(artifacts):
     assert gen.sampling(temperature=0, repetition_penalty=1.2).repetition_penalty == 1.2
     with pytest.raises(TandemError, match="top_p"):
         gen.sampling(top_p=0)
+
+
+def test_export_hf_round_trips(checkpoint, tmp_path):
+    from compiler.export_hf import export_hf
+    from compiler.source import open_source
+
+    source = open_source(str(checkpoint))
+    exported = open_source(str(export_hf(source, tmp_path / "hf", shard_bytes=50_000)))
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    assert exported.tensor_names() == source.tensor_names()
+    for name in source.tensor_names():
+        np.testing.assert_array_equal(exported.tensor(name), source.tensor(name))
+    assert exported.config == source.config

@@ -1,0 +1,73 @@
+"""Quantized tiny-model graphs: each scheme produces the op form it promises and stays near the fp32 graphs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.build import compile_recipe
+from compiler.recipe import load_recipe
+from runtime.engine import Engine
+from runtime.errors import TandemError
+from runtime.manifest import load_manifest
+from tests.conftest import RECIPE, write_recipe
+
+SCHEMES = {
+    # name: (quantization, op that must appear, max relative graph error vs fp32 torch)
+    "int4": ({"embedding": {"scheme": "int4"}, "attention": {"scheme": "int4"}, "ffn": {"scheme": "int4", "block_size": 16},
+              "lm_head": {"scheme": "int4", "symmetric": True}}, {"MatMulNBits", "GatherBlockQuantized"}, 0.25),
+    "int8-qdq": ({"attention": {"scheme": "int8-qdq"}, "ffn": {"scheme": "int8-qdq", "calibration": "percentile"},
+                  "lm_head": {"scheme": "int8"}}, {"QuantizeLinear", "DequantizeLinear", "MatMulNBits"}, 0.25),
+    "fp16": ({"attention": {"scheme": "fp16"}, "ffn": {"scheme": "fp16"}, "lm_head": {"scheme": "fp16"}}, {"Cast"}, 0.01),
+}
+
+
+@pytest.fixture(scope="module", params=list(SCHEMES))
+def quantized(request, tmp_path_factory, checkpoint):
+    quantization, ops, tolerance = SCHEMES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    verify = {**RECIPE["verify"], "graph_max_rel_error": tolerance, "logits_max_abs_error": 100.0, "greedy_agreement": 0.0,
+              "max_perplexity_delta": 10.0}
+    recipe = write_recipe(root, name=request.param, quantization=quantization, calibration={"windows": 2, "window": 32}, verify=verify)
+    return compile_recipe(recipe, model=str(checkpoint), out=root / "artifact", show_progress=False), ops, tolerance
+
+
+def test_quantized_graphs_take_their_form_and_stay_within_tolerance(quantized, artifacts):
+    artifact, ops, tolerance = quantized
+    report = json.loads((artifact / "verify.json").read_text())
+    assert report["failures"] == []
+    assert 0 < max(g["max_rel_error"] for g in report["graphs"]) <= tolerance
+    found = {n.op_type for f in (artifact / "graphs").glob("*.onnx") for n in onnx.load(f, load_external_data=False).graph.node}
+    assert ops <= found
+    manifest = load_manifest(artifact)
+    assert any("attention" in g.quantization and g.quantization["attention"] != "fp32" for g in manifest.graphs)
+    # the quantized chain still tracks the fp32 artifact of the same weights
+    tokens = list(range(3, 40))
+    fp32 = Engine(artifacts["split"]).forward(0, tokens, all_logits=True)
+    got = Engine(artifact).forward(0, tokens, all_logits=True)
+    assert np.abs(got - fp32).max() / np.abs(fp32).max() < 4 * tolerance
+    fidelity = report["fidelity"]
+    assert fidelity["tokens"] > 0 and fidelity["kl_mean"] > 0
+
+
+def test_quantized_artifacts_are_smaller(quantized, artifacts):
+    artifact, _, _ = quantized
+    size = lambda d: sum(f.size for f in load_manifest(d).files if f.path.startswith("graphs/"))  # noqa: E731
+    assert size(artifact) < size(artifacts["split"])
+
+
+@pytest.mark.parametrize(
+    "quantization, message",
+    [
+        ({"ffn": {"scheme": "int3"}}, "quantization.ffn.scheme"),
+        ({"attention": {"scheme": "int4", "block_size": 48}}, "quantization.attention.block_size"),
+        ({"lm_head": {"scheme": "int4", "bits": 4}}, "quantization.lm_head.bits: unknown key"),
+        ({"embedding": {"scheme": "int8-qdq"}}, "the embedding takes fp32, fp16 or int4"),
+        ({"mlp": {"scheme": "int4"}}, "quantization.mlp: unknown key"),
+    ],
+)
+def test_bad_quantization_is_rejected_naming_the_key(tmp_path, quantization, message):
+    with pytest.raises(TandemError, match=message.replace(".", r"\.")):
+        load_recipe(write_recipe(tmp_path, quantization=quantization))
