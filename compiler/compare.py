@@ -65,12 +65,12 @@ def genai_candidate(directory: Path) -> Candidate:
 def genai_peak_rss(directory: Path) -> int:
     """Peak RSS of onnxruntime-genai's own runtime generating 16 tokens after a 256-token prompt."""
     code = (
-        "import resource, sys, onnxruntime_genai as og; m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); "
+        "import sys, onnxruntime_genai as og; m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); "
         "p.set_search_options(max_length=300); g = og.Generator(m, p); g.append_tokens([[1000 + i for i in range(256)]]); "
-        "[g.generate_next_token() for _ in range(16)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "[g.generate_next_token() for _ in range(16)]; print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True)
-    return int(proc.stdout.split()[-1]) if proc.returncode == 0 else 0
+    return int(proc.stdout.split()[-1]) * 1024 if proc.returncode == 0 else 0
 
 
 def compare(

@@ -12,7 +12,9 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
+from compiler.blockquant import quantize_weight
 from compiler.recipe import Quantization, QuantSpec
 
 KINDS = {"embed": "embedding", "attention": "attention", "ffn": "ffn", "head": "lm_head"}
@@ -53,7 +55,7 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
                 by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):
-            model = _weight_only(model, spec, nodes)
+            model = _weight_only(model, spec, nodes, calibration)
     for (scheme, spec), nodes in by_scheme.items():
         if scheme == "int8-qdq":
             model = _static_qdq(model, spec, nodes, calibration or [])
@@ -63,29 +65,77 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
     return model
 
 
-def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str]) -> onnx.ModelProto:
-    """MatMulNBits (and GatherBlockQuantized for the embedding) via ORT's MatMulNBitsQuantizer, RTN per block."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], calibration: list[dict[str, np.ndarray]] | None) -> onnx.ModelProto:
+    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search weighted by calibrated activation energy);
+    the embedding Gather -> GatherBlockQuantized via ORT's MatMulNBitsQuantizer (RTN)."""
+    matmuls = [n for n in model.graph.node if n.name in set(nodes) and n.op_type == "MatMul"]
+    energy = _input_energy(model, matmuls, calibration) if calibration and matmuls else {}
+    initializers = {i.name: i for i in model.graph.initializer}
+    for node in matmuls:
+        weight = initializers[node.input[1]]
+        w = numpy_helper.to_array(weight)
+        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, energy.get(node.name))
+        model.graph.initializer.remove(weight)
+        base = node.input[1]
+        extra = [numpy_helper.from_array(q.packed, f"{base}.q"), numpy_helper.from_array(q.scales, f"{base}.scales")]
+        if q.zero_points is not None:
+            extra.append(numpy_helper.from_array(q.zero_points, f"{base}.zero_points"))
+        model.graph.initializer.extend(extra)
+        replacement = helper.make_node(
+            "MatMulNBits", [node.input[0], *(t.name for t in extra)], list(node.output), name=node.name,
+            domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=q.bits, block_size=q.block_size,
+            accuracy_level=spec.accuracy_level,
+        )
+        node.CopyFrom(replacement)
+    gathers = [n.name for n in model.graph.node if n.name in set(nodes) and n.op_type == "Gather"]
+    if gathers:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=4 if spec.scheme == "int4" else 8,
-        block_size=spec.block_size,
-        is_symmetric=spec.symmetric,
-        accuracy_level=spec.accuracy_level,
-        nodes_to_include=nodes,
-        # the quantizer ORs nodes_to_include with op_types_to_quantize: name no op type so only `nodes` change
-        op_types_to_quantize=("NoSuchOp",),
-        quant_axes=(("Gather", 1),),
-    )
-    quantizer.process()
-    return quantizer.model.model
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
+            nodes_to_include=gathers,
+            # the quantizer ORs nodes_to_include with op_types_to_quantize: name no op type so only `gathers` change
+            op_types_to_quantize=("NoSuchOp",), quant_axes=(("Gather", 1),),
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    return model
+
+
+def _input_energy(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Mean square of each input channel of each MatMul over the calibration samples (the fp32 graph, run once)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted = {n.input[0] for n in matmuls} - {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in sorted(wanted))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        del probe
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = sorted(wanted)
+        sums: dict[str, np.ndarray] = {}
+        rows: dict[str, int] = {}
+        for feeds in samples:
+            for name, value in zip(names, session.run(names, feeds)):
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0) + (flat * flat).sum(0)
+                rows[name] = rows.get(name, 0) + flat.shape[0]
+    return {n.name: (sums[n.input[0]] / rows[n.input[0]]).astype(np.float32) for n in matmuls}
 
 
 def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 activations calibrated on samples."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not samples:

@@ -51,7 +51,8 @@ class Quantization(Strict):
         return self
 
     def needs_calibration(self) -> bool:
-        return any(spec.scheme == "int8-qdq" for _, spec in self)
+        """int8-qdq calibrates activation ranges; int4/int8 weight-only weigh their errors by activation energy."""
+        return any(spec.scheme in ("int8-qdq", "int4", "int8") for _, spec in self)
 
 
 class CalibrationSpec(Strict):

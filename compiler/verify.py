@@ -84,13 +84,13 @@ def verify_fidelity(tokenizer: Tokenizer, engine: Engine, reference, count: int,
 def runtime_peak_rss(directory: Path) -> int:
     """Peak RSS of a fresh runtime process that loads the artifact and generates 16 tokens after a 256-token prompt."""
     code = (
-        "import resource, sys; from runtime.generate import Generator; g = Generator.load(sys.argv[1]); "
+        "import sys; from runtime.generate import Generator; g = Generator.load(sys.argv[1]); "
         "ids = (g.tokenizer.encode('The quick brown fox jumps over the lazy dog. ') * 256)[: min(256, g.engine.capacity // 2)]; "
         "list(g.stream(ids, 16, g.sampling(temperature=0))); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
-    return int(proc.stdout.split()[-1])
+    return int(proc.stdout.split()[-1]) * 1024
 
 
 # --- graphs ---------------------------------------------------------------------------------------
