@@ -74,12 +74,13 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, 
         best_scale = np.where(better, scale, best_scale)
         best_zp = np.where(better, zp, best_zp)
         best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
-    zero_points = None if symmetric else _pack(_pad_even(best_zp.astype(np.uint8)), bits)
+    zp8 = best_zp.astype(np.uint8)
+    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
     return Quantized(_pack(best_q, bits), best_scale.astype(np.float32), zero_points, bits, block_size)
 
 
 def _pad_even(zp: np.ndarray) -> np.ndarray:
-    """Zero points are packed per row: an odd block count gets one padding nibble."""
+    """4-bit zero points are packed per row: an odd block count gets one padding nibble."""
     return np.pad(zp, ((0, 0), (0, zp.shape[1] % 2))) if zp.shape[1] % 2 else zp
 
 
