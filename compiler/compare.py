@@ -8,29 +8,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from compiler.evaltext import windows
 from compiler.fidelity import FidelityAccumulator
 from compiler.progress import progress
 from compiler.source import ModelSource
-from compiler.verify import runtime_peak_rss
+from compiler.verify import engine_logits, reference_logits, runtime_peak_rss
 from runtime.engine import Engine
 from runtime.errors import TandemError
 from runtime.manifest import load_manifest
 from runtime.tokenizer import Tokenizer
 
 Candidate = Callable[[list[int]], np.ndarray]
-
-
-def engine_candidate(directory: Path) -> Candidate:
-    engine = Engine(directory)
-
-    def logits(tokens: list[int]) -> np.ndarray:
-        engine.reset(0)
-        return engine.forward(0, tokens, all_logits=True)
-
-    return logits
 
 
 def genai_candidate(directory: Path) -> Candidate:
@@ -97,13 +86,12 @@ def compare(
             "size_bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
             "runtime_peak_rss_bytes": genai_peak_rss(d),
         }
-    candidates = {**{a: engine_candidate(a) for a in artifacts}, **{d: genai_candidate(d) for d in genai}}
+    candidates = {**{a: engine_logits(Engine(a)) for a in artifacts}, **{d: genai_candidate(d) for d in genai}}
     accumulators = {key: FidelityAccumulator() for key in candidates}
-    reference = source.reference_model()
+    reference = reference_logits(source.reference_model())
     texts = windows(Tokenizer.from_dir(artifacts[0]), "evaluation", window, count)
     for tokens in progress(texts, show_progress, "comparing"):
-        with torch.no_grad():
-            ref = reference(torch.tensor([tokens])).logits[0].float().numpy()
+        ref = reference(tokens)
         for key, candidate in candidates.items():
             accumulators[key].add(tokens, ref, candidate(tokens))
     return [{**rows[key], **accumulators[key].result()} for key in candidates]

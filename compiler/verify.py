@@ -67,18 +67,27 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
 
 def verify_fidelity(tokenizer: Tokenizer, engine: Engine, reference, count: int, window: int, show_progress: bool) -> dict[str, Any]:
     """Perplexity, top-1 agreement and KL vs the fp32 transformers reference on held-out text (compiler.evaltext)."""
+    texts = windows(tokenizer, "evaluation", window, count)
+    result = evaluate(list(progress(texts, show_progress, "evaluating")), reference_logits(reference), engine_logits(engine))
+    return {"windows": count, "window": window, **result}
 
-    def ours(tokens: list[int]) -> np.ndarray:
+
+def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
+    """Logits at every position of a window, from a fresh sequence in slot 0."""
+
+    def logits(tokens: list[int]) -> np.ndarray:
         engine.reset(0)
         return engine.forward(0, tokens, all_logits=True)
 
-    @torch.no_grad()
-    def theirs(tokens: list[int]) -> np.ndarray:
-        return reference(torch.tensor([tokens])).logits[0].float().numpy()
+    return logits
 
-    texts = windows(tokenizer, "evaluation", window, count)
-    result = evaluate(list(progress(texts, show_progress, "evaluating")), theirs, ours)
-    return {"windows": count, "window": window, **result}
+
+def reference_logits(model) -> Callable[[list[int]], np.ndarray]:
+    @torch.no_grad()
+    def logits(tokens: list[int]) -> np.ndarray:
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+    return logits
 
 
 def runtime_peak_rss(directory: Path) -> int:

@@ -71,3 +71,17 @@ def test_quantized_artifacts_are_smaller(quantized, artifacts):
 def test_bad_quantization_is_rejected_naming_the_key(tmp_path, quantization, message):
     with pytest.raises(TandemError, match=message.replace(".", r"\.")):
         load_recipe(write_recipe(tmp_path, quantization=quantization))
+
+
+def test_compare_table(quantized, artifacts, checkpoint):
+    from compiler.compare import compare, markdown
+    from compiler.source import open_source
+
+    artifact, _, _ = quantized
+    rows = compare([artifacts["fused"], artifact], open_source(str(checkpoint)), count=2, window=32, show_progress=False)
+    fp32, candidate = rows
+    assert abs(fp32["perplexity_delta"]) < 1e-4 and fp32["top1_agreement"] == 1.0
+    assert candidate["kl_mean"] > fp32["kl_mean"] and candidate["quantization"]
+    assert candidate["size_bytes"] < fp32["size_bytes"] and fp32["runtime_peak_rss_bytes"] > 0
+    table = markdown(rows)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "fp32 reference perplexity" in table
