@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compiler.evaltext import windows
-from compiler.fidelity import FidelityAccumulator
+from compiler.fidelity import FidelityAccumulator, score
 from compiler.progress import progress
 from compiler.source import ModelSource
 from compiler.verify import engine_logits, reference_logits, runtime_peak_rss
@@ -91,9 +91,7 @@ def compare(
     reference = reference_logits(source.reference_model())
     texts = windows(Tokenizer.from_dir(artifacts[0]), "evaluation", window, count)
     for tokens in progress(texts, show_progress, "comparing"):
-        ref = reference(tokens)
-        for key, candidate in candidates.items():
-            accumulators[key].add(tokens, ref, candidate(tokens))
+        score(tokens, reference(tokens), [(accumulators[key], candidate(tokens)) for key, candidate in candidates.items()])
     return [{**rows[key], **accumulators[key].result()} for key in candidates]
 
 

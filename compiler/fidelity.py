@@ -38,29 +38,7 @@ class FidelityAccumulator:
     with_candidate: bool | None = None  # set by the first add; every window must then do the same
 
     def add(self, tokens: Sequence[int], reference_logits: np.ndarray, candidate_logits: np.ndarray | None = None) -> None:
-        with_candidate = candidate_logits is not None
-        if self.with_candidate not in (None, with_candidate):
-            raise TandemError("every window must be scored with a candidate, or none")
-        _check_logits("reference", reference_logits, len(tokens))
-        if candidate_logits is not None:
-            _check_logits("candidate", candidate_logits, len(tokens))
-            if candidate_logits.shape != reference_logits.shape:
-                raise TandemError(
-                    f"candidate logits {candidate_logits.shape} and reference logits {reference_logits.shape} differ in shape"
-                )
-        self.with_candidate = with_candidate
-        targets = np.asarray(tokens[1:], dtype=np.int64)
-        for start in range(0, len(targets), self.chunk_rows):
-            rows = slice(start, min(start + self.chunk_rows, len(targets)))
-            picked = np.arange(rows.stop - rows.start), targets[rows]
-            ref = log_softmax(reference_logits[rows])
-            self.reference_nll -= float(ref[picked].sum())
-            if candidate_logits is not None:
-                cand = log_softmax(candidate_logits[rows])
-                self.candidate_nll -= float(cand[picked].sum())
-                self.top1_agreements += int((ref.argmax(axis=-1) == cand.argmax(axis=-1)).sum())
-                self.kl += float((np.exp(ref) * (ref - cand)).sum())
-        self.predictions += len(targets)
+        score(tokens, reference_logits, [(self, candidate_logits)])
 
     def result(self) -> dict[str, Any]:
         """Totals as a report: perplexity = exp(mean NLL of the true next token); KL(reference || candidate) in nats."""
@@ -78,6 +56,37 @@ class FidelityAccumulator:
                 "kl_mean": self.kl / n,
             }
         return out
+
+
+def score(tokens: Sequence[int], reference_logits: np.ndarray, candidates: list[tuple[FidelityAccumulator, np.ndarray | None]]) -> None:
+    """Score one window for several candidates against one reference, computing the reference's log-softmax once."""
+    _check_logits("reference", reference_logits, len(tokens))
+    for acc, candidate_logits in candidates:
+        with_candidate = candidate_logits is not None
+        if acc.with_candidate not in (None, with_candidate):
+            raise TandemError("every window must be scored with a candidate, or none")
+        if candidate_logits is not None:
+            _check_logits("candidate", candidate_logits, len(tokens))
+            if candidate_logits.shape != reference_logits.shape:
+                raise TandemError(
+                    f"candidate logits {candidate_logits.shape} and reference logits {reference_logits.shape} differ in shape"
+                )
+        acc.with_candidate = with_candidate
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    for start in range(0, len(targets), candidates[0][0].chunk_rows):
+        rows = slice(start, min(start + candidates[0][0].chunk_rows, len(targets)))
+        picked = np.arange(rows.stop - rows.start), targets[rows]
+        ref = log_softmax(reference_logits[rows])
+        ref_nll, ref_top1, ref_p = -float(ref[picked].sum()), ref.argmax(axis=-1), np.exp(ref)
+        for acc, candidate_logits in candidates:
+            acc.reference_nll += ref_nll
+            if candidate_logits is not None:
+                cand = log_softmax(candidate_logits[rows])
+                acc.candidate_nll -= float(cand[picked].sum())
+                acc.top1_agreements += int((ref_top1 == cand.argmax(axis=-1)).sum())
+                acc.kl += float((ref_p * (ref - cand)).sum())
+    for acc, _ in candidates:
+        acc.predictions += len(targets)
 
 
 def evaluate(windows: list[list[int]], reference: Model, candidate: Model | None) -> dict[str, Any]:
