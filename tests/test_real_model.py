@@ -43,7 +43,7 @@ def test_int4_recipe_on_the_real_model(real_artifacts):
     fp32 = json.loads((real_artifacts["cpu"] / "verify.json").read_text())
     assert report["failures"] == []
     fidelity = report["fidelity"]
-    assert fidelity["tokens"] >= 2000 and 0 < fidelity["perplexity_delta"] < 0.08 and fidelity["top1_agreement"] > 0.8
+    assert fidelity["tokens"] >= 2000 and 0 < fidelity["perplexity_delta"] < 0.15 and fidelity["top1_agreement"] > 0.8
     assert abs(fp32["fidelity"]["perplexity_delta"]) < 1e-3  # the fp32 artifact is the reference, to rounding
     assert report["size_bytes"] < 0.6 * fp32["size_bytes"]
     assert report["runtime_peak_rss_bytes"] < fp32["runtime_peak_rss_bytes"]
