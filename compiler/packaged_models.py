@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import TandemError
+from runtime.manifest import sha256_of
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,6 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("tandem"))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _part_files(model: PackagedModel) -> list[Path]:
     files = []
     for index, module in enumerate(model.modules(), start=1):
@@ -71,7 +64,7 @@ def packaged_model_path(name: str = DEFAULT) -> Path:
     """Return the verified GGUF of a packaged model, assembling it from its installed packages on first use."""
     model = MODELS[name]
     target = cache_dir() / "models" / model.filename
-    if target.exists() and sha256_file(target) == model.sha256:
+    if target.exists() and sha256_of(target) == model.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".partial-{os.getpid()}")
