@@ -1,9 +1,13 @@
-"""Block-wise weight-only quantization with a clipping search, packed in MatMulNBits' layout.
+"""Block-wise weight-only quantization (clipping search + GPTQ error feedback), packed in MatMulNBits' layout.
 
 Written by hand because ORT's quantizers cannot do it: the RTN quantizer takes each block's min/max as is
-(an outlier then costs the whole block its resolution), and HQQ finds better ranges but with float zero
-points, which MatMulNBits' CPU kernel runs 25-50x slower at decode. Here each block tries a range of
-shrunken ranges, keeps the one with the least squared error, and refits its scale for the integer zero point.
+(an outlier then costs the whole block its resolution), HQQ finds better ranges but with float zero points,
+which MatMulNBits' CPU kernel runs 25-50x slower at decode, and ORT's GPTQ path needs a torch model and its
+own data loader. Here each block tries a range of shrunken ranges and keeps the one with the least
+activation-weighted squared error, refitting its scale for the integer zero point. With calibration
+statistics (H = X^T X of the MatMul's input on real text), the columns are then rounded one at a time in the
+order of K and each rounding error is pushed onto the columns not rounded yet, as GPTQ does (Frantar et al.,
+2022), so that the layer's output error, not the weight error, is minimised.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SHRINK = np.linspace(1.0, 0.6, 17)  # fractions of the block's range tried as the clipping range
+DAMP = 0.01  # GPTQ's dampening of H, as a fraction of its mean diagonal
+LAZY = 128  # columns rounded between two updates of the rest of the matrix (a multiple of the block sizes <= 128)
 
 
 @dataclass
@@ -34,26 +40,37 @@ class Quantized:
         return w.reshape(n, -1)[:, :k].T
 
 
-def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, importance: np.ndarray | None = None) -> Quantized:
+def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, hessian: np.ndarray | None = None) -> Quantized:
     """w: [K, N] (x @ w). Blocks run along K for each output column, as MatMulNBits expects.
 
-    importance [K]: mean square of each input channel on calibration text; errors on channels that carry
-    more activation energy cost more (they move the output more), as in AWQ or llama.cpp's imatrix.
+    hessian [K, K]: mean of x^T x over calibration tokens. Without it every input channel counts the same
+    and each block is rounded on its own; with it, errors on channels that carry more activation energy
+    cost more (as in AWQ or llama.cpp's imatrix) and GPTQ compensates each rounding error.
     """
     k, n = w.shape
     blocks = -(-k // block_size)
-    rows = np.zeros((n, blocks * block_size), dtype=np.float32)
+    padded = blocks * block_size
+    rows = np.zeros((n, padded), dtype=np.float32)
     rows[:, :k] = w.T
-    x = rows.reshape(n, blocks, block_size)
-    weight = np.ones(blocks * block_size, dtype=np.float32)
-    if importance is not None:
-        weight[:k] = importance / importance.mean() + 1e-3
-    weight = weight.reshape(blocks, block_size)
+    if hessian is None:
+        q, scale, zp = _fit(rows.reshape(n, blocks, block_size), np.ones((blocks, block_size), np.float32), bits, symmetric)
+    else:
+        h = np.eye(padded, dtype=np.float32)
+        h[:k, :k] = hessian
+        q, scale, zp = _gptq(rows, h, bits, block_size, symmetric)
+    zp8 = zp.astype(np.uint8)
+    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
+    return Quantized(_pack(q, bits), scale.astype(np.float32), zero_points, bits, block_size)
+
+
+def _fit(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [n, blocks, block], weight [blocks, block] -> integers, scales [n, blocks], zero points [n, blocks]."""
     levels = 2**bits - 1
-    best_err = np.full((n, blocks), np.inf, dtype=np.float32)
+    weight = weight / weight.mean() + 1e-3
+    best_err = np.full(x.shape[:2], np.inf, dtype=np.float32)
     best_q = np.zeros(x.shape, dtype=np.uint8)
-    best_scale = np.zeros((n, blocks), dtype=np.float32)
-    best_zp = np.zeros((n, blocks), dtype=np.float32)
+    best_scale = np.zeros(x.shape[:2], dtype=np.float32)
+    best_zp = np.zeros(x.shape[:2], dtype=np.float32)
     lo, hi = x.min(-1), x.max(-1)
     for shrink in SHRINK:
         if symmetric:
@@ -74,9 +91,50 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, 
         best_scale = np.where(better, scale, best_scale)
         best_zp = np.where(better, zp, best_zp)
         best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
-    zp8 = best_zp.astype(np.uint8)
-    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
-    return Quantized(_pack(best_q, bits), best_scale.astype(np.float32), zero_points, bits, block_size)
+    return best_q, np.where(best_scale == 0, 1e-8, best_scale), best_zp
+
+
+def _gptq(rows: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """rows [n, K] (K a multiple of block_size), hessian [K, K] -> integers [n, blocks, block], scales, zero points.
+
+    Each block's scale and zero point come from _fit on the block as GPTQ has updated it so far; then its
+    columns are rounded in turn, each error divided by the inverse Hessian's diagonal and subtracted from the
+    remaining columns through the Cholesky factor of H^-1 (the lazy-batch form of the paper). The loop runs
+    over K with W held as [K, n], so every step touches contiguous rows.
+    """
+    n, k = rows.shape
+    levels = 2**bits - 1
+    w = np.ascontiguousarray(rows.T)
+    import torch  # its Cholesky routines run these K x K factorisations several times faster than numpy's
+
+    h = hessian.astype(np.float32)
+    importance = np.diagonal(h).copy()
+    dead = np.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h[np.diag_indices(k)] += DAMP * np.diagonal(h).mean()
+    ht = torch.from_numpy(h)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ht)), upper=True).numpy()  # H^-1 = u^T u
+    q = np.zeros((k, n), dtype=np.uint8)
+    blocks = k // block_size
+    scales, zps = np.zeros((blocks, n), np.float32), np.zeros((blocks, n), np.float32)
+    lazy = max(LAZY, block_size)
+    for start in range(0, k, lazy):
+        end = min(start + lazy, k)
+        chunk = w[start:end].copy()
+        errors = np.zeros_like(chunk)
+        for i in range(end - start):
+            row = start + i
+            if row % block_size == 0:
+                b = row // block_size
+                _, scale, zp = _fit(chunk[i : i + block_size].T[:, None, :], importance[None, row : row + block_size], bits, symmetric)
+                scales[b], zps[b] = scale[:, 0], zp[:, 0]
+            qi = np.clip(np.round(chunk[i] / scales[b] + zps[b]), 0, levels)
+            q[row] = qi
+            errors[i] = (chunk[i] - (qi - zps[b]) * scales[b]) / u[row, row]
+            chunk[i:] -= u[row, row:end, None] * errors[i][None, :]
+        w[end:] -= u[start:end, end:].T @ errors
+    return q.T.reshape(n, blocks, block_size), scales.T, zps.T
 
 
 def _pad_even(zp: np.ndarray) -> np.ndarray:

@@ -5,10 +5,14 @@ one graph in memory: the 7B path needs that.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from compiler.evaltext import windows
 from compiler.recipe import CalibrationSpec
@@ -39,7 +43,7 @@ def feeds(inputs: dict[str, TensorSpec], x: np.ndarray, rope: np.ndarray) -> dic
         elif name in (names.COS_CACHE, names.SIN_CACHE):
             values[name] = rope[0 if name == names.COS_CACHE else 1]
         elif name == names.LOGITS_INDEX:
-            values[name] = np.array([[count - 1]], dtype=np.int64)
+            values[name] = np.arange(count, dtype=np.int64)[None]  # every position: lm_head statistics need them all
         else:
             raise KeyError(f"no calibration feed for graph input {name}")
     return values
@@ -49,3 +53,33 @@ def propagate(path: Path, inputs: dict[str, TensorSpec], samples: list[np.ndarra
     """Run the fp32 graph on every sample; its hidden_next outputs are the next graph's samples."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [session.run([names.HIDDEN_NEXT], feeds(inputs, x, rope))[0] for x in samples]
+
+
+def statistics(model: onnx.ModelProto, values: set[str], samples: list[dict[str, np.ndarray]], kind: Literal["gram", "absmax"]) -> dict[str, np.ndarray]:
+    """Intermediate value name -> its statistic over the samples' tokens, from one run of the graph per sample.
+
+    gram: mean x^T x [C, C] (GPTQ's Hessian); absmax: max |x| per channel [C] (SmoothQuant's activation range).
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted = sorted(values - {o.name for o in probe.graph.output})
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted)
+    stats: dict[str, np.ndarray] = {}
+    rows = dict.fromkeys(wanted, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        del probe
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for sample in samples:
+            for name, value in zip(wanted, session.run(wanted, sample)):
+                flat = value.reshape(-1, value.shape[-1])
+                stat = flat.T @ flat if kind == "gram" else np.abs(flat).max(0)
+                if name not in stats:
+                    stats[name] = stat
+                elif kind == "gram":
+                    stats[name] += stat
+                else:
+                    np.maximum(stats[name], stat, out=stats[name])
+                rows[name] += flat.shape[0]
+    return {name: stat / rows[name] if kind == "gram" else stat for name, stat in stats.items()}

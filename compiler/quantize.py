@@ -15,7 +15,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compiler.blockquant import quantize_weight
+from compiler.calibrate import statistics
 from compiler.recipe import Quantization, QuantSpec
+from compiler.smoothing import smooth
 
 KINDS = {"embed": "embedding", "attention": "attention", "ffn": "ffn", "head": "lm_head"}
 QUANTIZABLE = {"MatMul", "Gather"}
@@ -32,7 +34,7 @@ def describe(spec: QuantSpec) -> str:
     if spec.scheme in ("int4", "int8"):
         return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}"
     if spec.scheme == "int8-qdq":
-        return f"int8-qdq {spec.calibration}"
+        return f"int8-qdq {spec.calibration} smoothing {spec.smoothing}"
     return spec.scheme
 
 
@@ -66,15 +68,17 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
 
 
 def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], calibration: list[dict[str, np.ndarray]] | None) -> onnx.ModelProto:
-    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search weighted by calibrated activation energy);
+    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search and GPTQ on calibrated input statistics);
     the embedding Gather -> GatherBlockQuantized via ORT's MatMulNBitsQuantizer (RTN)."""
     matmuls = [n for n in model.graph.node if n.name in set(nodes) and n.op_type == "MatMul"]
-    energy = _input_energy(model, matmuls, calibration) if calibration and matmuls else {}
+    # one K x K matrix per distinct input is held while quantizing: a fused graph of many layers holds that
+    # many (2.3 GB for the 24 layers of the 0.5B model), one graph per block one layer's
+    hessians = statistics(model, {n.input[0] for n in matmuls}, calibration, "gram") if calibration and matmuls else {}
     initializers = {i.name: i for i in model.graph.initializer}
     for node in matmuls:
         weight = initializers[node.input[1]]
         w = numpy_helper.to_array(weight)
-        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, energy.get(node.name))
+        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, hessians.get(node.input[0]))
         model.graph.initializer.remove(weight)
         base = node.input[1]
         extra = [numpy_helper.from_array(q.packed, f"{base}.q"), numpy_helper.from_array(q.scales, f"{base}.scales")]
@@ -103,30 +107,6 @@ def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], cali
     return model
 
 
-def _input_energy(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Mean square of each input channel of each MatMul over the calibration samples (the fp32 graph, run once)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    wanted = {n.input[0] for n in matmuls} - {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in sorted(wanted))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
-        del probe
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = sorted(wanted)
-        sums: dict[str, np.ndarray] = {}
-        rows: dict[str, int] = {}
-        for feeds in samples:
-            for name, value in zip(names, session.run(names, feeds)):
-                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-                sums[name] = sums.get(name, 0) + (flat * flat).sum(0)
-                rows[name] = rows.get(name, 0) + flat.shape[0]
-    return {n.name: (sums[n.input[0]] / rows[n.input[0]]).astype(np.float32) for n in matmuls}
-
-
 def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 activations calibrated on samples."""
     from onnxruntime.quantization import (
@@ -140,6 +120,8 @@ def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], sampl
 
     if not samples:
         raise ValueError("int8-qdq needs calibration samples")
+    if spec.smoothing:
+        model = smooth(model, set(nodes), samples, spec.smoothing)
 
     class Reader(CalibrationDataReader):
         def __init__(self, items: Iterable[dict[str, np.ndarray]]) -> None:

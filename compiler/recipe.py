@@ -36,6 +36,7 @@ class QuantSpec(Strict):
     symmetric: bool = False
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits: lowest precision of the activations (4 = int8)
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    smoothing: float = Field(default=0.5, ge=0, le=1)  # int8-qdq: SmoothQuant's migration strength (0 = none)
 
 
 class Quantization(Strict):
@@ -51,7 +52,7 @@ class Quantization(Strict):
         return self
 
     def needs_calibration(self) -> bool:
-        """int8-qdq calibrates activation ranges; int4/int8 weight-only weigh their errors by activation energy."""
+        """int8-qdq calibrates activation ranges (and SmoothQuant scales); int4/int8 weight-only run GPTQ on input statistics."""
         return any(spec.scheme in ("int8-qdq", "int4", "int8") for _, spec in self)
 
 

@@ -55,11 +55,11 @@ def tandem(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def real_artifacts(tmp_path_factory) -> dict[str, Path]:
-    """The real default model compiled with the default (fp32), int4 and Ryzen AI recipes (slow tier)."""
+    """The real default model compiled with the default (int4), fp32 and Ryzen AI recipes (slow tier)."""
     recipes = Path(__file__).parent.parent / "recipes"
     root = tmp_path_factory.mktemp("real")
-    out = {"cpu": root / "cpu", "ryzen-ai": root / "ryzen-ai", "int4": root / "int4"}
+    out = {"cpu": root / "cpu", "fp32": root / "fp32", "ryzen-ai": root / "ryzen-ai"}
+    tandem("compile", str(recipes / "qwen2.5-coder-0.5b-instruct.fp32.yaml"), "-o", str(out["fp32"]), "--quiet")
     tandem("compile", str(recipes / "qwen2.5-coder-0.5b-instruct.cpu.yaml"), "-o", str(out["cpu"]), "--quiet")
-    tandem("compile", str(recipes / "qwen2.5-coder-0.5b-instruct.int4.yaml"), "-o", str(out["int4"]), "--quiet")
     tandem("compile", str(recipes / "qwen2.5-7b-instruct.ryzen-ai.yaml"), "--model", "default", "-o", str(out["ryzen-ai"]), "--quiet")
     return out

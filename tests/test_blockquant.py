@@ -1,5 +1,5 @@
 """Hand-written block quantization: ORT's MatMulNBits computes exactly our dequantized weights, and the
-clipping search with activation weighting beats plain min/max rounding where it matters."""
+clipping search with GPTQ on calibration statistics beats plain min/max rounding on the layer's output."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,16 +50,17 @@ def rtn(w: np.ndarray, block: int) -> np.ndarray:
     return ((q - zp[..., None]) * s[..., None]).reshape(w.shape[1], -1)[:, : w.shape[0]].T
 
 
-def test_activation_weighted_search_beats_rtn_on_output_error():
+def test_calibrated_quantization_beats_rtn_on_output_error():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
     w[rng.integers(0, K, 30), rng.integers(0, N, 30)] = 0.4  # outliers
     scale = np.ones(K, dtype=np.float32)
     scale[rng.integers(0, K, 6)] = 30.0  # a few channels carry most of the activation energy, as in Qwen
-    a = rng.standard_normal((256, K)).astype(np.float32) * scale
-    energy = (a * a).mean(0)
+    mix = np.eye(K, dtype=np.float32) + 0.3 * rng.standard_normal((K, K)).astype(np.float32) / np.sqrt(K)
+    a = (rng.standard_normal((512, K)).astype(np.float32) * scale) @ mix  # correlated channels, as real activations
+    hessian = a.T @ a / len(a)
     out_err = lambda deq: float(((a @ deq - a @ w) ** 2).mean())  # noqa: E731
-    ours = out_err(quantize_weight(w, 4, 32, False, energy).dequantize(K))
+    ours = out_err(quantize_weight(w, 4, 32, False, hessian).dequantize(K))
     unweighted = out_err(quantize_weight(w, 4, 32, False).dequantize(K))
     plain = out_err(rtn(w, 32))
     assert ours < unweighted < plain
