@@ -34,7 +34,7 @@ def describe(spec: QuantSpec) -> str:
     if spec.scheme in ("int4", "int8"):
         return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}"
     if spec.scheme == "int8-qdq":
-        return f"int8-qdq {spec.calibration} smoothing {spec.smoothing}"
+        return f"int8-qdq {spec.activations} activations, {spec.calibration}, smoothing {spec.smoothing}"
     return spec.scheme
 
 
@@ -108,7 +108,7 @@ def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], cali
 
 
 def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
-    """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 activations calibrated on samples."""
+    """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 or uint16 activations calibrated on samples."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -141,7 +141,7 @@ def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], sampl
         quantize_static(
             str(pre), str(out), Reader(samples),
             quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+            activation_type=QuantType.QUInt8 if spec.activations == "uint8" else QuantType.QUInt16, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
             calibrate_method=method[spec.calibration], use_external_data_format=True,
         )
         return onnx.load(out)

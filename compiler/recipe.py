@@ -37,6 +37,7 @@ class QuantSpec(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits: lowest precision of the activations (4 = int8)
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     smoothing: float = Field(default=0.5, ge=0, le=1)  # int8-qdq: SmoothQuant's migration strength (0 = none)
+    activations: Literal["uint8", "uint16"] = "uint8"  # int8-qdq: static activation type (uint16: A16W8, as QNN's HTP runs)
 
 
 class Quantization(Strict):

@@ -18,7 +18,7 @@ SCHEMES = {
     # name: (quantization, op that must appear, max relative graph error vs fp32 torch)
     "int4": ({"embedding": {"scheme": "int4"}, "attention": {"scheme": "int4"}, "ffn": {"scheme": "int4", "block_size": 16},
               "lm_head": {"scheme": "int4", "symmetric": True}}, {"MatMulNBits", "GatherBlockQuantized"}, 0.25),
-    "int8-qdq": ({"attention": {"scheme": "int8-qdq"}, "ffn": {"scheme": "int8-qdq", "calibration": "percentile"},
+    "int8-qdq": ({"attention": {"scheme": "int8-qdq"}, "ffn": {"scheme": "int8-qdq", "calibration": "percentile", "activations": "uint16"},
                   "lm_head": {"scheme": "int8"}}, {"QuantizeLinear", "DequantizeLinear", "MatMulNBits"}, 0.25),
     "fp16": ({"attention": {"scheme": "fp16"}, "ffn": {"scheme": "fp16"}, "lm_head": {"scheme": "fp16"}}, {"Cast"}, 0.01),
 }
