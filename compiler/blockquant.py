@@ -102,11 +102,11 @@ def _gptq(rows: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, sym
     remaining columns through the Cholesky factor of H^-1 (the lazy-batch form of the paper). The loop runs
     over K with W held as [K, n], so every step touches contiguous rows.
     """
+    import torch  # its Cholesky routines run these K x K factorisations several times faster than numpy's
+
     n, k = rows.shape
     levels = 2**bits - 1
     w = np.ascontiguousarray(rows.T)
-    import torch  # its Cholesky routines run these K x K factorisations several times faster than numpy's
-
     h = hessian.astype(np.float32)
     importance = np.diagonal(h).copy()
     dead = np.diagonal(h) == 0

@@ -55,9 +55,14 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
             spec = getattr(quantization, kind)
             if spec.scheme != "fp32":
                 by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
+    weight_only = {n for (scheme, _), nodes in by_scheme.items() if scheme in ("int4", "int8") for n in nodes}
+    matmul_inputs = {n.input[0] for n in model.graph.node if n.name in weight_only and n.op_type == "MatMul"}
+    # one calibration pass for every weight-only kind; one K x K matrix per distinct input is held while
+    # quantizing: a fused graph of many layers holds that many (2.3 GB for the 24 layers of the 0.5B model)
+    hessians = statistics(model, matmul_inputs, calibration, "gram") if calibration and matmul_inputs else {}
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):
-            model = _weight_only(model, spec, nodes, calibration)
+            model = _weight_only(model, spec, nodes, hessians)
     for (scheme, spec), nodes in by_scheme.items():
         if scheme == "int8-qdq":
             model = _static_qdq(model, spec, nodes, calibration or [])
@@ -67,13 +72,10 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
     return model
 
 
-def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], calibration: list[dict[str, np.ndarray]] | None) -> onnx.ModelProto:
-    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search and GPTQ on calibrated input statistics);
+def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], hessians: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search, and GPTQ where `hessians` has the input);
     the embedding Gather -> GatherBlockQuantized via ORT's MatMulNBitsQuantizer (RTN)."""
     matmuls = [n for n in model.graph.node if n.name in set(nodes) and n.op_type == "MatMul"]
-    # one K x K matrix per distinct input is held while quantizing: a fused graph of many layers holds that
-    # many (2.3 GB for the 24 layers of the 0.5B model), one graph per block one layer's
-    hessians = statistics(model, {n.input[0] for n in matmuls}, calibration, "gram") if calibration and matmuls else {}
     initializers = {i.name: i for i in model.graph.initializer}
     for node in matmuls:
         weight = initializers[node.input[1]]
