@@ -20,10 +20,10 @@ from compiler.plan import Block
 from compiler.recipe import Recipe, VerifySpec
 from compiler.source import ModelSource
 from runtime import manifest as names
-from runtime.engine import Engine, GraphRunner, session_options, step_values
+from runtime.engine import Engine, GraphRunner, step_values
 from runtime.kv_cache import KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
-from runtime.providers import Placement
+from runtime.providers import Placement, session_options
 from runtime.tokenizer import Tokenizer
 
 PREFIX, SUFFIX = 7, 5  # verify a graph in two calls: a prefill of PREFIX tokens, then SUFFIX more over the cache
@@ -127,7 +127,7 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
 
 def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
     """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
-    session = ort.InferenceSession(str(directory / spec.file), session_options(0), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(directory / spec.file), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     runner = GraphRunner(spec, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)
     cos, sin = np.load(directory / names.ROPE_FILE)

@@ -41,14 +41,6 @@ class GraphRunner:
                 values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
 def _tensor(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -73,12 +65,11 @@ class Engine:
     def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0) -> None:
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
-        options = session_options(threads)
         self.graphs: list[GraphRunner] = []
         for name in self.manifest.schedule:
             spec = self.manifest.graph(name)
             session, placement = create_session(
-                spec.name, self.directory / spec.file, spec.role, self.manifest.roles[spec.role], options
+                spec.name, self.directory / spec.file, spec.role, self.manifest.roles[spec.role], threads
             )
             self.graphs.append(GraphRunner(spec, session, placement))
         cos, sin = np.load(self.directory / names.ROPE_FILE)
