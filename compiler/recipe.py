@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from runtime.errors import TandemError
 from runtime.manifest import Role, RoleSpec, Strict, format_validation_error
+from runtime.yamlfile import load_mapping
 
 
 class Placement(Strict):
@@ -114,12 +114,7 @@ def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise TandemError(f"{path}: recipe not found")
-    try:
-        data: Any = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TandemError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise TandemError(f"{path}: expected a mapping at the top level")
+    data = load_mapping(path)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

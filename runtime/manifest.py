@@ -5,10 +5,10 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.errors import TandemError
+from runtime.yamlfile import load_mapping
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
@@ -187,12 +187,7 @@ def load_manifest(directory: Path, check_files: bool = True) -> Manifest:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise TandemError(f"{path}: not an artifact (no {MANIFEST})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TandemError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise TandemError(f"{path}: expected a mapping at the top level")
+    data = load_mapping(path)
     version = data.get("format_version")
     if not isinstance(version, int):
         raise TandemError(f"{path}: format_version: missing or not an integer")

@@ -119,7 +119,7 @@ def test_tampered_artifact_is_refused_naming_the_file(artifacts, tmp_path):
         load_manifest(copy)
 
 
-def test_manifest_version_and_unknown_keys(artifacts, tmp_path):
+def test_manifest_version_unknown_and_repeated_keys(artifacts, tmp_path):
     copy = shutil.copytree(artifacts["fused"], tmp_path / "copy")
     path = copy / "manifest.yaml"
     original = yaml.safe_load(path.read_text())
@@ -128,6 +128,9 @@ def test_manifest_version_and_unknown_keys(artifacts, tmp_path):
         load_manifest(copy)
     path.write_text(yaml.safe_dump({**original, "surprise": 1}))
     with pytest.raises(TandemError, match="surprise: unknown key"):
+        load_manifest(copy)
+    path.write_text(yaml.safe_dump(original) + "prefill_chunk: 1\n")
+    with pytest.raises(TandemError, match="'prefill_chunk' given twice"):
         load_manifest(copy)
 
 

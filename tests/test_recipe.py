@@ -66,3 +66,13 @@ def test_not_yaml_and_missing(tmp_path):
         load_recipe(bad)
     with pytest.raises(TandemError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    text = yaml.safe_dump(RECIPE)
+    path.write_text(text + "max_context: 64\n")
+    with pytest.raises(TandemError) as err:
+        load_recipe(path)
+    line = len(text.splitlines()) + 1
+    assert f"key 'max_context' given twice (line {line})" in str(err.value) and str(path) in str(err.value)
