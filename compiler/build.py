@@ -111,6 +111,7 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         name=recipe.name,
+        served_names=recipe.served_model_name,
         recipe=recipe.model_dump(mode="json"),
         source=source.spec,
         model=cfg,

@@ -87,6 +87,7 @@ class GenerationDefaults(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    served_model_name: list[str] = Field(default_factory=list)  # what API clients call it (the artifact name also works)
     model: str = "default"
     quantization: Quantization = Quantization()
     calibration: CalibrationSpec = CalibrationSpec()

@@ -26,6 +26,17 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=[], help="extra model names to answer to")
+    p.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"), help="require this bearer key (or $TANDEM_API_KEY)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429")
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="graphs, roles, requested vs resolved execution providers, sizes")
     p.add_argument("artifact", type=Path)
     p.set_defaults(func=cmd_info)
@@ -91,6 +102,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from runtime.server import ServerConfig, Service, create_app
+    except ImportError as e:
+        raise TandemError(f"the server needs the `server` extra: pip install 'tandem[server]' ({e})") from None
+    if args.max_num_seqs < 1 or args.max_waiting < 0:
+        raise TandemError("--max-num-seqs must be at least 1 and --max-waiting at least 0")
+    failure: list[str] = []
+
+    def stop(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    config = ServerConfig(args.artifact, args.served_model_name, args.api_key, args.max_num_seqs, args.max_waiting, args.threads)
+    service = Service(config, on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))
+    server.run()
+    if failure:
+        raise TandemError(failure[0])
 
 
 def cmd_info(args: argparse.Namespace) -> None:

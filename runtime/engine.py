@@ -46,16 +46,16 @@ def _tensor(array: np.ndarray) -> ort.OrtValue:
 
 
 def step_values(
-    cache: KVCache, slot: int, count: int, rope: dict[str, ort.OrtValue], logits_positions: Sequence[int]
+    cache: KVCache, start: int, stop: int, count: int, rope: dict[str, ort.OrtValue], logits_positions: Sequence[int]
 ) -> dict[str, ort.OrtValue]:
-    """The inputs every graph of a step may read, for `count` new tokens of one slot (batch 1)."""
-    total = int(cache.lengths[slot]) + count
+    """The inputs every graph of a step may read, for `count` new tokens in each slot of the batch [start, stop)."""
+    total = cache.lengths[start:stop] + count
     return {
-        names.SEQLENS_K: _tensor(np.array([total - 1], dtype=np.int32)),
-        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total, dtype=np.int32)),
-        names.LOGITS_INDEX: _tensor(np.array([logits_positions], dtype=np.int64)),
+        names.SEQLENS_K: _tensor((total - 1).astype(np.int32)),
+        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total.max(), dtype=np.int32)),
+        names.LOGITS_INDEX: _tensor(np.tile(np.array(logits_positions, dtype=np.int64), (stop - start, 1))),
         **rope,
-        **cache.bindings(slot),
+        **cache.bindings(start, stop),
     }
 
 
@@ -98,14 +98,37 @@ class Engine:
         logits = [self._step(slot, tokens[start : start + chunk], all_logits) for start in range(0, len(tokens), chunk)]
         return np.concatenate(logits) if all_logits else logits[-1][-1]
 
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One decode step of several sequences at once: tokens[i] is appended to slots[i].
+
+        Returns their next-token logits [len(slots), vocab]. The batch is the run of slots [0, max(slots)]; rows of
+        slots not in `slots` compute a dummy token whose K/V lands just past their length, where the next real
+        token of that slot overwrites it.
+        """
+        stop = max(slots) + 1
+        full = [s for s in range(stop) if self.cache.lengths[s] >= self.capacity]
+        if full:
+            raise TandemError(f"slot {full[0]} holds {self.capacity} tokens, the KV cache capacity: no room for a decode step")
+        ids = np.zeros((stop, 1), dtype=np.int64)
+        ids[list(slots), 0] = tokens
+        logits = self._run(0, stop, ids, [0])
+        for slot in slots:
+            self.cache.update(slot, 1)
+        return logits[list(slots), 0]
+
     def _step(self, slot: int, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         positions = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
-        values = step_values(self.cache, slot, len(tokens), self.rope, positions)
-        values[names.INPUT_IDS] = _tensor(np.array([tokens], dtype=np.int64))
+        logits = self._run(slot, slot + 1, np.array([tokens], dtype=np.int64), positions)[0]
+        self.cache.update(slot, len(tokens))
+        return logits
+
+    def _run(self, start: int, stop: int, ids: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, positions, vocab]."""
+        values = step_values(self.cache, start, stop, ids.shape[1], self.rope, positions)
+        values[names.INPUT_IDS] = _tensor(ids)
         for graph in self.graphs:
             graph.run(values)
-        self.cache.update(slot, len(tokens))
-        return values[names.LOGITS].numpy()[0]
+        return values[names.LOGITS].numpy()
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

@@ -11,8 +11,8 @@ from runtime.manifest import KVCacheSpec, past_name
 class KVCache:
     """K and V for every layer and slot ([layers, slots, kv_heads, capacity, head_dim]).
 
-    Each slot's per-layer views are wrapped once as OrtValues over the same memory, so binding the
-    cache into a graph as past_* input and present_* output copies nothing.
+    A run of slots [0, n) is a batch: its per-layer views are wrapped once as OrtValues over the same memory,
+    so binding the cache into a graph as past_* input and present_* output copies nothing.
     """
 
     def __init__(self, spec: KVCacheSpec, slots: int = 1) -> None:
@@ -21,22 +21,29 @@ class KVCache:
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.lengths = np.zeros(slots, dtype=np.int64)
-        self._bindings = [self._wrap(slot) for slot in range(slots)]
+        self._bindings: dict[tuple[int, int], dict[str, ort.OrtValue]] = {}
 
-    def _wrap(self, slot: int) -> dict[str, ort.OrtValue]:
-        views: dict[str, ort.OrtValue] = {}
-        for layer in range(self.spec.layers):
-            for kind, store in (("key", self.keys), ("value", self.values)):
-                views[past_name(kind, layer)] = ort.OrtValue.ortvalue_from_numpy(store[layer, slot : slot + 1])
-        return views
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
 
     @property
     def capacity(self) -> int:
         return self.spec.capacity
 
-    def bindings(self, slot: int) -> dict[str, ort.OrtValue]:
-        """The slot's past_* OrtValues (graphs write present_* into the same memory)."""
-        return self._bindings[slot]
+    def bindings(self, start: int, stop: int) -> dict[str, ort.OrtValue]:
+        """The past_* OrtValues of slots [start, stop) as one batch (graphs write present_* into the same memory)."""
+        if (start, stop) not in self._bindings:
+            self._bindings[start, stop] = {
+                past_name(kind, layer): ort.OrtValue.ortvalue_from_numpy(store[layer, start:stop])
+                for layer in range(self.spec.layers)
+                for kind, store in (("key", self.keys), ("value", self.values))
+            }
+        return self._bindings[start, stop]
+
+    def usage(self) -> float:
+        """Fraction of the cache's token positions in use."""
+        return float(self.lengths.sum()) / (self.capacity * self.slots)
 
     def update(self, slot: int, new_tokens: int) -> int:
         """Account for new_tokens written at the end of the slot; returns the slot's new length."""

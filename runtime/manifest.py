@@ -146,6 +146,7 @@ class SourceSpec(Strict):
 class Manifest(Strict):
     format_version: int
     name: str
+    served_names: list[str] = Field(default_factory=list)  # names the server answers to, before `name`
     recipe: dict[str, Any]  # the recipe it was compiled from (verify re-reads its tolerances)
     source: SourceSpec
     model: ModelConfig

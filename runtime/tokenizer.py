@@ -27,6 +27,7 @@ class Tokenizer:
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
         self._template = _compile_template(chat_template) if chat_template is not None else None
+        self._token_texts: list[str] | None = None
 
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
@@ -61,6 +62,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_texts(self) -> list[str]:
+        """Every token's text on its own as streamed output shows it (special tokens are empty), decoded once."""
+        if self._token_texts is None:
+            self._token_texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
+        return self._token_texts
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -67,6 +67,31 @@ def test_slots_are_independent(artifacts):
     assert engine.cache.lengths.tolist() == [len(a), len(b)]
 
 
+def test_batched_decode_matches_one_sequence_at_a_time(artifacts):
+    """Continuous batching's step: slots of different lengths decode together around a slot that is mid-prefill."""
+    prompts = {0: [5, 6, 7, 8, 9, 10, 11, 12, 13], 2: [40, 41, 42], 3: list(range(60, 80))}
+    steps = (7, 8, 9)
+    for name, artifact in artifacts.items():
+        alone = Engine(artifact)
+        expected = {}
+        for slot, prompt in prompts.items():
+            alone.reset(0)
+            alone.forward(0, prompt)
+            expected[slot] = [alone.forward(0, [t]) for t in steps]
+        alone.reset(0)
+        partial = alone.forward(0, [3, 4, 5])
+
+        engine = Engine(artifact, slots=4)
+        for slot, prompt in prompts.items():
+            engine.forward(slot, prompt)
+        engine.forward(1, [3, 4])  # idle in the batch: its dummy row must not disturb its next chunk
+        got = [engine.decode([0, 2, 3], [t] * 3) for t in steps]
+        for row, slot in enumerate(prompts):
+            np.testing.assert_allclose(np.stack([g[row] for g in got]), np.stack(expected[slot]), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(engine.forward(1, [5]), partial, atol=1e-5, err_msg=name)
+        assert engine.cache.lengths.tolist() == [12, 3, 6, 23]
+
+
 def test_context_that_does_not_fit(artifacts):
     engine = Engine(artifacts["fused"])
     with pytest.raises(TandemError, match="does not fit"):
