@@ -5,8 +5,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from runtime.errors import TandemError
 
@@ -36,6 +36,14 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="aggregate tokens/s of concurrent streaming clients vs one at a time")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("info", help="graphs, roles, requested vs resolved execution providers, sizes")
     p.add_argument("artifact", type=Path)
@@ -127,6 +135,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise TandemError(failure[0])
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from runtime.serve_bench import bench_serve, markdown
+
+    print(markdown(bench_serve(args.artifact, args.clients, args.max_tokens, args.threads, args.out)))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from runtime.engine import Engine
 
@@ -159,7 +173,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - the user gets one line; TANDEM_DEBUG shows the rest
+    except Exception as e:
         if os.environ.get("TANDEM_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e} (set TANDEM_DEBUG=1 for details)", file=sys.stderr)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-from typing import Sequence as Sequence_
 
 import numpy as np
 
@@ -165,7 +165,7 @@ class Generator:
     defaults: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, directory: Path | str, threads: int = 0, slots: int = 1) -> "Generator":
+    def load(cls, directory: Path | str, threads: int = 0, slots: int = 1) -> Generator:
         directory = Path(directory)
         engine = Engine(directory, slots=slots, threads=threads)
         defaults = json.loads((directory / names.GENERATION_CONFIG).read_text())

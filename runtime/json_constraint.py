@@ -26,7 +26,7 @@ class _State:
     mode: str = ""  # "", "string", "key", "escape", "unicode", "number", "literal"
     unicode_left: int = 0
 
-    def copy(self) -> "_State":
+    def copy(self) -> _State:
         return _State(list(self.stack), self.expect, self.token, self.mode, self.unicode_left)
 
 
@@ -56,7 +56,7 @@ def _feed(s: _State, text: str) -> bool:
     return all(_char(s, c) for c in text)
 
 
-def _char(s: _State, c: str) -> bool:  # noqa: C901 - one branch per JSON state reads best as one function
+def _char(s: _State, c: str) -> bool:
     if s.mode in ("string", "key"):
         if c == "\\":
             s.mode, s.token = ("escape", s.mode)  # remember which kind of string the escape is in

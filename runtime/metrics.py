@@ -4,7 +4,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from runtime.generate import Stats
 

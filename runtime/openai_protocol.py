@@ -54,7 +54,7 @@ class Message(Body):
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
-    def _has_content(self) -> "Message":
+    def _has_content(self) -> Message:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
         return self
@@ -113,7 +113,7 @@ class GenerationRequest(Body):
     user: str | None = None  # an end-user id for the caller's own logs; accepted, not used
 
     @model_validator(mode="after")
-    def _stream_options(self) -> "GenerationRequest":
+    def _stream_options(self) -> GenerationRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if isinstance(self.stop, list) and len(self.stop) > 16:
@@ -138,7 +138,7 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ChatCompletionRequest":
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -159,7 +159,7 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
 
     @model_validator(mode="after")
-    def _prompt(self) -> "CompletionRequest":
+    def _prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
         return self

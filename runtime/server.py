@@ -12,13 +12,19 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.errors import TandemError
@@ -26,9 +32,15 @@ from runtime.generate import Chunk, Generator
 from runtime.json_constraint import JsonObject
 from runtime.metrics import Metrics
 from runtime.openai_protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, NamedToolChoice, parse,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    NamedToolChoice,
+    parse,
 )
-from runtime.scheduler import QueueFull, Request as Job, Scheduler
+from runtime.scheduler import QueueFull, Scheduler
+from runtime.scheduler import Request as Job
 from runtime.tool_calls import CLOSE, OPEN, parse_tool_calls, template_messages
 
 log = logging.getLogger("tandem")

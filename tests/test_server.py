@@ -11,8 +11,8 @@ import pytest
 
 from runtime.generate import Generator
 from runtime.json_constraint import _feed, _State
+from runtime.server_process import ServerProcess
 from tests.conftest import write_recipe
-from tests.server_process import ServerProcess
 
 KEY = "test-key"
 NAME = "tiny-chat"
@@ -108,7 +108,7 @@ def test_seed_n_and_logprobs(client):
     ask = dict(model=NAME, prompt="def", max_tokens=8, temperature=1.0, n=3, logprobs=2)
     a, b = (client.completions.create(seed=7, **ask) for _ in range(2))
     c = client.completions.create(seed=8, **ask)
-    texts = lambda r: [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]  # noqa: E731
+    texts = lambda r: [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
     assert texts(a) == texts(b) != texts(c)
     assert len(set(texts(a))) > 1  # each choice draws its own sample
     lp = a.choices[0].logprobs

@@ -1,0 +1,126 @@
+"""`tandem bench-serve`: the server under concurrent streaming clients, against one client at a time.
+
+Starts `tandem serve` on a free port and sends the same greedy chat requests twice: one after another, then
+`clients` at once through the official `openai` async client. Reports aggregate completion tokens/s, TTFT and
+inter-token latency percentiles, and how many concurrent outputs differ from the sequential ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import TandemError
+from runtime.server_process import ServerProcess
+
+PROMPTS = [
+    "Write a Python function to calculate fibonacci",
+    "Write a SQL query that returns the ten most recent orders.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a bash one-liner that counts lines in all .py files.",
+    "Explain what a Python decorator is, with an example.",
+    "Write a JavaScript function that debounces another function.",
+    "Write a C function that reverses a string in place.",
+    "How do I read a CSV file with pandas and drop empty rows?",
+    "Write a Rust function that returns the largest element of a slice.",
+    "Write a Go HTTP handler that returns JSON.",
+    "Write a regular expression that matches an IPv4 address.",
+    "Write a Python class for a stack with push, pop and peek.",
+    "Explain big-O notation in three sentences.",
+    "Write a Dockerfile for a small Flask app.",
+    "Write a unit test with pytest for a function add(a, b).",
+    "What does `git rebase -i` do?",
+]
+
+
+async def _one(client, model: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    stamps, text = [], ""
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )
+    usage = None
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+            text += chunk.choices[0].delta.content
+    gaps = np.diff(stamps) if len(stamps) > 1 else np.array([])
+    return {"text": text, "tokens": usage.completion_tokens, "ttft_s": stamps[0] - start if stamps else None,
+            "gaps_s": gaps.tolist(), "seconds": time.perf_counter() - start}
+
+
+async def _phase(url: str, model: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[list[dict], float]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=3600) as client:
+        await _one(client, model, "Hi", 4)  # warm-up
+        start = time.perf_counter()
+        if concurrent:
+            results = list(await asyncio.gather(*(_one(client, model, p, max_tokens) for p in prompts)))
+        else:
+            results = [await _one(client, model, p, max_tokens) for p in prompts]
+        return results, time.perf_counter() - start
+
+
+def _summary(results: list[dict], seconds: float) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
+    gaps = [g for r in results for g in r["gaps_s"]]
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else None
+    return {
+        "requests": len(results), "completion_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99), "itl_ms_p50": pct(gaps, 50), "itl_ms_p99": pct(gaps, 99),
+    }
+
+
+def bench_serve(artifact: Path, clients: int, max_tokens: int, threads: int, out: Path | None) -> dict:
+    if not 1 <= clients <= len(PROMPTS):
+        raise TandemError(f"--clients must be between 1 and {len(PROMPTS)}")
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise TandemError("bench-serve needs the openai client: pip install 'tandem[dev]'") from None
+    server = ServerProcess(artifact, "--max-num-seqs", str(clients), "--threads", str(threads))
+    try:
+        model = json.loads(server.request("GET", "/v1/models")[2])["data"][0]["id"]
+        prompts = PROMPTS[:clients]
+        alone, alone_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=False))
+        together, together_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=True))
+    finally:
+        server.stop()
+    report = {
+        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
+        "artifact": str(artifact), "clients": clients, "max_tokens": max_tokens, "threads": threads,
+        "one_at_a_time": _summary(alone, alone_s), "concurrent": _summary(together, together_s),
+        "outputs_differing": sum(a["text"] != b["text"] for a, b in zip(alone, together)),
+    }
+    report["speedup"] = report["concurrent"]["tokens_per_s"] / report["one_at_a_time"]["tokens_per_s"]
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def markdown(report: dict) -> str:
+    rows = ["| clients | tokens | seconds | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|"]
+    for label, s in (("1 at a time", report["one_at_a_time"]), (f"{report['clients']} at once", report["concurrent"])):
+        rows.append(
+            f"| {label} | {s['completion_tokens']} | {s['seconds']:.1f} | {s['tokens_per_s']:.1f} | "
+            f"{s['ttft_ms_p50']:.0f} / {s['ttft_ms_p99']:.0f} | {s['itl_ms_p50']:.0f} / {s['itl_ms_p99']:.0f} |"
+        )
+    rows.append(f"\nspeedup {report['speedup']:.2f}x; concurrent outputs differing from one-at-a-time: "
+                f"{report['outputs_differing']} of {report['clients']}")
+    return "\n".join(rows)
