@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import yaml
+from pydantic import ValidationError
 
 from compiler.graphs import build_graph, rope_tables
 from compiler.progress import progress
@@ -20,14 +21,27 @@ from compiler.source import ModelSource, open_source
 from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.tokenizer import Tokenizer
-from runtime.manifest import FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, TensorSpec, file_entry
+from runtime.manifest import (
+    FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, TensorSpec, file_entry, format_validation_error,
+)
 
 
-def compile_recipe(recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True) -> Path:
-    """Compile a recipe into an artifact directory; nothing appears at `out` unless every step, verify included, passed."""
+def compile_recipe(
+    recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True,
+    max_context: int | None = None,
+) -> Path:
+    """Compile a recipe into an artifact directory; nothing appears at `out` unless every step, verify included, passed.
+
+    max_context overrides the recipe's (the KV cache capacity), e.g. for a long-context build of the same recipe.
+    """
     from compiler.verify import verify_artifact
 
     recipe = load_recipe(recipe_path)
+    if max_context is not None:
+        try:
+            recipe = Recipe.model_validate({**recipe.model_dump(), "max_context": max_context})
+        except ValidationError as e:
+            raise TandemError(format_validation_error(f"{recipe_path} with --max-context {max_context}", e)) from None
     source = open_source(model or recipe.model)
     out = Path(out or Path("artifacts") / recipe.name)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"

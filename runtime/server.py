@@ -41,7 +41,13 @@ from runtime.openai_protocol import (
 )
 from runtime.scheduler import QueueFull, Scheduler
 from runtime.scheduler import Request as Job
-from runtime.tool_calls import CLOSE, OPEN, parse_tool_calls, template_messages
+from runtime.tool_calls import (
+    CLOSE,
+    OPEN,
+    parse_tool_calls,
+    streamable,
+    template_messages,
+)
 
 log = logging.getLogger("tandem")
 MAX_BODY_BYTES = 8 << 20
@@ -125,7 +131,7 @@ class Plan:
     max_tokens: list[int]
     prefix: str = ""  # text forced before the reply (the start of a required tool call), part of its output
     suffix: str = ""  # text that completes the reply (the end of a required tool call)
-    tools: bool = False  # parse tool calls out of the reply
+    tools: set[str] = field(default_factory=set)  # names of the tools whose calls are parsed out of the reply
     json_object: bool = False
     logprobs: int | None = None
     echo: list[str] = field(default_factory=list)
@@ -259,7 +265,8 @@ def _chat_plan(service: Service, body: ChatCompletionRequest) -> Plan:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     json_object = bool(prefix) or (body.response_format is not None and body.response_format.type == "json_object")
     budgets = _budgets(service, [prompt], body.token_budget())
-    return Plan("chat", body, [prompt], budgets, prefix, suffix, bool(tools), json_object, logprobs)
+    names = {t["function"]["name"] for t in tools}
+    return Plan("chat", body, [prompt], budgets, prefix, suffix, names, json_object, logprobs)
 
 
 def _completion_plan(service: Service, body: CompletionRequest) -> Plan:
@@ -320,21 +327,14 @@ def _absorb(plan: Plan, choice: Choice, chunk: Chunk) -> None:
         if chunk.finish_reason == "stop":
             choice.text += plan.suffix
         if plan.tools:
-            content, calls = parse_tool_calls(choice.text)
+            content, calls = parse_tool_calls(choice.text, plan.tools)
             if calls:
                 choice.text, choice.tool_calls, choice.finish_reason = content or "", calls, "tool_calls"
 
 
 def _visible(plan: Plan, choice: Choice) -> str:
     """Text that can be streamed now: with tools, nothing from the start of a tool call (or what may be one) on."""
-    text = choice.text
-    if plan.tools and choice.finish_reason is None:
-        start = text.find(OPEN)
-        if start >= 0:
-            text = text[:start]
-        else:
-            text = text[: len(text) - max((k for k in range(1, len(OPEN)) if text.endswith(OPEN[:k])), default=0)]
-    return text
+    return streamable(choice.text) if plan.tools and choice.finish_reason is None else choice.text
 
 
 async def _serve(request: Request, service: Service, plan: Plan) -> Response:
