@@ -2,7 +2,8 @@
 
 Starts `tandem serve` on a free port and sends the same greedy chat requests twice: one after another, then
 `clients` at once through the official `openai` async client. Reports aggregate completion tokens/s, TTFT and
-inter-token latency percentiles, and how many concurrent outputs differ from the sequential ones.
+inter-token latency percentiles, how many concurrent outputs differ from the sequential ones, and then, from the
+engine alone, one decode step's time by batch size (the ceiling that batching can reach on this machine).
 """
 from __future__ import annotations
 
@@ -70,6 +71,32 @@ async def _phase(url: str, model: str, prompts: list[str], max_tokens: int, conc
         return results, time.perf_counter() - start
 
 
+def decode_scaling(artifact: Path, clients: int, threads: int, context: int = 64, steps: int = 10) -> list[dict]:
+    """The engine alone: one batched decode step's time for 1, 2, 4 .. `clients` sequences of `context` tokens,
+    and how far batched logits drift from batch-1 logits of the same sequence (float summation order)."""
+    from runtime.engine import Engine
+
+    engine = Engine(artifact, slots=clients, threads=threads)
+    vocab = engine.manifest.model.vocab_size
+    prompt = [(1000 + 7 * i) % vocab for i in range(context)]
+    rows = []
+    for batch in sorted({1, *[2**i for i in range(1, clients.bit_length())], clients}):
+        slots = list(range(batch))
+        for slot in slots:
+            engine.reset(slot)
+            engine.forward(slot, prompt)
+        first = engine.decode(slots, [42] * batch)  # also the warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.decode(slots, [42] * batch)
+        seconds = (time.perf_counter() - start) / steps
+        if batch == 1:
+            alone = first[0]
+        rows.append({"batch": batch, "ms_per_step": seconds * 1000, "tokens_per_s": batch / seconds,
+                     "max_logit_diff_vs_batch_1": float(np.abs(first - alone).max())})
+    return rows
+
+
 def _summary(results: list[dict], seconds: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
@@ -103,6 +130,7 @@ def bench_serve(artifact: Path, clients: int, max_tokens: int, threads: int, out
         "outputs_differing": sum(a["text"] != b["text"] for a, b in zip(alone, together)),
     }
     report["speedup"] = report["concurrent"]["tokens_per_s"] / report["one_at_a_time"]["tokens_per_s"]
+    report["decode_scaling"] = decode_scaling(artifact, clients, threads)
     if out:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -122,5 +150,8 @@ def markdown(report: dict) -> str:
             f"{s['ttft_ms_p50']:.0f} / {s['ttft_ms_p99']:.0f} | {s['itl_ms_p50']:.0f} / {s['itl_ms_p99']:.0f} |"
         )
     rows.append(f"\nspeedup {report['speedup']:.2f}x; concurrent outputs differing from one-at-a-time: "
-                f"{report['outputs_differing']} of {report['clients']}")
+                f"{report['outputs_differing']} of {report['clients']}\n")
+    rows += ["| engine decode batch | ms / step | tokens/s | max logit diff vs batch 1 |", "|---|---|---|---|"]
+    rows += [f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.1f} | {r['max_logit_diff_vs_batch_1']:.2e} |"
+             for r in report["decode_scaling"]]
     return "\n".join(rows)
