@@ -39,8 +39,9 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench-serve", help="aggregate tokens/s of concurrent streaming clients vs one at a time")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (0: skip the concurrency run)")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-lengths", default="", help="also TTFT by prompt length, e.g. 1024,4096,32000")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     p.set_defaults(func=cmd_bench_serve)
@@ -138,7 +139,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from runtime.serve_bench import bench_serve, markdown
 
-    print(markdown(bench_serve(args.artifact, args.clients, args.max_tokens, args.threads, args.out)))
+    try:
+        lengths = [int(n) for n in args.prompt_lengths.split(",") if n.strip()]
+    except ValueError:
+        raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
+    print(markdown(bench_serve(args.artifact, args.clients, args.max_tokens, args.threads, args.out, lengths)))
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.errors import TandemError
 from runtime.server_process import ServerProcess
+from runtime.tokenizer import Tokenizer
 
 PROMPTS = [
     "Write a Python function to calculate fibonacci",
@@ -108,29 +109,79 @@ def _summary(results: list[dict], seconds: float) -> dict:
     }
 
 
-def bench_serve(artifact: Path, clients: int, max_tokens: int, threads: int, out: Path | None) -> dict:
-    if not 1 <= clients <= len(PROMPTS):
-        raise TandemError(f"--clients must be between 1 and {len(PROMPTS)}")
+NEEDLE = "Remember this: the secret word is tangerine.\n\n"
+QUESTION = "\n\nWhat is the secret word mentioned at the very beginning? Answer with one word."
+
+
+def long_prompt(tokenizer: Tokenizer, tokens: int) -> list[int]:
+    """A chat prompt of exactly `tokens` tokens: a fact, then Python's own documentation as filler, then a
+    question about the fact (so the reply shows whether the start of the context is still used)."""
+    from pydoc_data.topics import topics
+
+    def chat(text: str) -> list[int]:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+
+    overhead = len(chat(NEEDLE + QUESTION))
+    filler = tokenizer.encode("\n\n".join(text for _, text in sorted(topics.items())))
+    needed = tokens - overhead
+    filler = filler * (max(needed, 0) // len(filler) + 1)
+    while True:  # re-tokenizing at the seams may add a token or two: drop filler until it fits
+        ids = chat(NEEDLE + tokenizer.decode(filler[: max(needed, 0)]) + QUESTION)
+        if len(ids) <= tokens or needed <= 0:
+            return ids
+        needed -= len(ids) - tokens
+
+
+def prompt_scaling(server: ServerProcess, model: str, tokenizer: Tokenizer, lengths: list[int], new_tokens: int = 16) -> list[dict]:
+    """TTFT and decode speed through the server by prompt length, one request at a time."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=7200)
+    rows = []
+    for length in lengths:
+        ids = long_prompt(tokenizer, length)
+        start = time.perf_counter()
+        stamps, text = [], ""
+        for chunk in client.completions.create(model=model, prompt=ids, max_tokens=new_tokens, temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+                text += chunk.choices[0].text
+        ttft = stamps[0] - start if stamps else float("nan")
+        decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+        rows.append({"prompt_tokens": len(ids), "ttft_s": ttft, "prefill_tokens_per_s": len(ids) / ttft,
+                     "decode_tokens_per_s": decode, "reply": text})
+    return rows
+
+
+def bench_serve(
+    artifact: Path, clients: int, max_tokens: int, threads: int, out: Path | None, prompt_lengths: list[int] = (),
+) -> dict:
+    if not 0 <= clients <= len(PROMPTS):
+        raise TandemError(f"--clients must be between 0 and {len(PROMPTS)}")
     try:
         import openai  # noqa: F401
     except ImportError:
         raise TandemError("bench-serve needs the openai client: pip install 'tandem[dev]'") from None
-    server = ServerProcess(artifact, "--max-num-seqs", str(clients), "--threads", str(threads))
-    try:
-        model = json.loads(server.request("GET", "/v1/models")[2])["data"][0]["id"]
-        prompts = PROMPTS[:clients]
-        alone, alone_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=False))
-        together, together_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=True))
-    finally:
-        server.stop()
-    report = {
+    report: dict = {
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
         "artifact": str(artifact), "clients": clients, "max_tokens": max_tokens, "threads": threads,
-        "one_at_a_time": _summary(alone, alone_s), "concurrent": _summary(together, together_s),
-        "outputs_differing": sum(a["text"] != b["text"] for a, b in zip(alone, together)),
     }
-    report["speedup"] = report["concurrent"]["tokens_per_s"] / report["one_at_a_time"]["tokens_per_s"]
-    report["decode_scaling"] = decode_scaling(artifact, clients, threads)
+    server = ServerProcess(artifact, "--max-num-seqs", str(max(clients, 1)), "--threads", str(threads))
+    try:
+        model = json.loads(server.request("GET", "/v1/models")[2])["data"][0]["id"]
+        if clients:
+            prompts = PROMPTS[:clients]
+            alone, alone_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=False))
+            together, together_s = asyncio.run(_phase(server.url, model, prompts, max_tokens, concurrent=True))
+            report.update(one_at_a_time=_summary(alone, alone_s), concurrent=_summary(together, together_s),
+                          outputs_differing=sum(a["text"] != b["text"] for a, b in zip(alone, together)))
+            report["speedup"] = report["concurrent"]["tokens_per_s"] / report["one_at_a_time"]["tokens_per_s"]
+        if prompt_lengths:
+            report["prompt_scaling"] = prompt_scaling(server, model, Tokenizer.from_dir(artifact), list(prompt_lengths))
+    finally:
+        server.stop()
+    if clients:
+        report["decode_scaling"] = decode_scaling(artifact, clients, threads)
     if out:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -143,7 +194,15 @@ def _cores() -> int:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| clients | tokens | seconds | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|"]
+    rows = []
+    if "prompt_scaling" in report:
+        rows += ["| prompt tokens | TTFT s | prefill tok/s | decode tok/s | reply |", "|---|---|---|---|---|"]
+        rows += [f"| {r['prompt_tokens']} | {r['ttft_s']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
+                 f"{r['decode_tokens_per_s']:.1f} | {r['reply'].strip()[:40]!r} |" for r in report["prompt_scaling"]]
+        rows.append("")
+    if not report["clients"]:
+        return "\n".join(rows)
+    rows += ["| clients | tokens | seconds | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|"]
     for label, s in (("1 at a time", report["one_at_a_time"]), (f"{report['clients']} at once", report["concurrent"])):
         rows.append(
             f"| {label} | {s['completion_tokens']} | {s['seconds']:.1f} | {s['tokens_per_s']:.1f} | "

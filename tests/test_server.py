@@ -266,7 +266,8 @@ def test_full_queue_is_429_with_retry_after(served):
 def test_bench_serve_runs_and_reports(served, tmp_path):
     from runtime.serve_bench import bench_serve, markdown
 
-    report = bench_serve(served[1], clients=2, max_tokens=4, threads=1, out=tmp_path / "report.json")
+    report = bench_serve(served[1], clients=2, max_tokens=4, threads=1, out=tmp_path / "report.json", prompt_lengths=[200])
+    assert 190 <= report["prompt_scaling"][0]["prompt_tokens"] <= 200 and report["prompt_scaling"][0]["ttft_s"] > 0
     assert report["concurrent"]["requests"] == report["one_at_a_time"]["requests"] == 2
     assert [r["batch"] for r in report["decode_scaling"]] == [1, 2]
     assert report["decode_scaling"][1]["max_logit_diff_vs_batch_1"] < 1e-3
