@@ -134,7 +134,7 @@ def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarr
     rope = {names.COS_CACHE: ort.OrtValue.ortvalue_from_numpy(cos), names.SIN_CACHE: ort.OrtValue.ortvalue_from_numpy(sin)}
     outputs = []
     for start, stop in ((0, PREFIX), (PREFIX, PREFIX + SUFFIX)):
-        values = step_values(cache, 0, 1, stop - start, rope, list(range(stop - start)))
+        values = step_values(cache, 0, 1, stop - start, rope, np.arange(stop - start)[None])
         first = names.INPUT_IDS if names.INPUT_IDS in spec.inputs else names.HIDDEN
         values[first] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x[:, start:stop]))
         runner.run(values)

@@ -46,14 +46,15 @@ def _tensor(array: np.ndarray) -> ort.OrtValue:
 
 
 def step_values(
-    cache: KVCache, start: int, stop: int, count: int, rope: dict[str, ort.OrtValue], logits_positions: Sequence[int]
+    cache: KVCache, start: int, stop: int, count: int, rope: dict[str, ort.OrtValue], logits_index: np.ndarray
 ) -> dict[str, ort.OrtValue]:
-    """The inputs every graph of a step may read, for `count` new tokens in each slot of the batch [start, stop)."""
+    """The inputs every graph of a step may read, for `count` new tokens in each slot of the batch [start, stop)
+    and logits at logits_index [rows, k] (positions within the new tokens)."""
     total = cache.lengths[start:stop] + count
     return {
         names.SEQLENS_K: _tensor((total - 1).astype(np.int32)),
         names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total.max(), dtype=np.int32)),
-        names.LOGITS_INDEX: _tensor(np.tile(np.array(logits_positions, dtype=np.int64), (stop - start, 1))),
+        names.LOGITS_INDEX: _tensor(np.ascontiguousarray(logits_index, dtype=np.int64)),
         **rope,
         **cache.bindings(start, stop),
     }
@@ -98,33 +99,45 @@ class Engine:
         logits = [self._step(slot, tokens[start : start + chunk], all_logits) for start in range(0, len(tokens), chunk)]
         return np.concatenate(logits) if all_logits else logits[-1][-1]
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One decode step of several sequences at once: tokens[i] is appended to slots[i].
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """One step of several sequences at once: chunks[i] (decode tokens, or first prompt chunks) is appended to slots[i].
 
-        Returns their next-token logits [len(slots), vocab]. The batch is the run of slots [0, max(slots)]; rows of
-        slots not in `slots` compute a dummy token whose K/V lands just past their length, where the next real
-        token of that slot overwrites it.
+        Returns each sequence's next-token logits [len(slots), vocab]. The batch is the run of slots [min, max];
+        shorter chunks are padded at their end to the longest, and rows of slots not in `slots` run padding only.
+        Chunks of more than one token share a step only as the first chunks of empty slots.
+        A row's padding K/V lands just past its length, where no later token attends and its next tokens overwrite it.
         """
-        stop = max(slots) + 1
-        full = [s for s in range(stop) if self.cache.lengths[s] >= self.capacity]
-        if full:
-            raise TandemError(f"slot {full[0]} holds {self.capacity} tokens, the KV cache capacity: no room for a decode step")
-        ids = np.zeros((stop, 1), dtype=np.int64)
-        ids[list(slots), 0] = tokens
-        logits = self._run(0, stop, ids, [0])
-        for slot in slots:
-            self.cache.update(slot, 1)
-        return logits[list(slots), 0]
+        start, stop, width = min(slots), max(slots) + 1, max(len(c) for c in chunks)
+        if width > 1 and stop - start > 1 and self.cache.lengths[start:stop].any():
+            raise TandemError("several prompt chunks run together only when every slot of the batch starts empty "
+                              "(ORT's GroupQueryAttention takes past context with more than one new token at batch 1 only)")
+        for slot in range(start, stop):
+            if self.cache.lengths[slot] + width > self.capacity:
+                raise TandemError(
+                    f"slot {slot}: {self.cache.lengths[slot]} tokens and a step of {width} exceed the KV cache capacity "
+                    f"of {self.capacity}"
+                )
+        ids = np.zeros((stop - start, width), dtype=np.int64)
+        last = np.zeros((stop - start, 1), dtype=np.int64)
+        for slot, chunk in zip(slots, chunks):
+            if not chunk:
+                raise TandemError("no tokens to run")
+            ids[slot - start, : len(chunk)] = chunk
+            last[slot - start, 0] = len(chunk) - 1
+        logits = self._run(start, stop, ids, last)
+        for slot, chunk in zip(slots, chunks):
+            self.cache.update(slot, len(chunk))
+        return logits[[slot - start for slot in slots], 0]
 
     def _step(self, slot: int, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         positions = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
-        logits = self._run(slot, slot + 1, np.array([tokens], dtype=np.int64), positions)[0]
+        logits = self._run(slot, slot + 1, np.array([tokens], dtype=np.int64), np.array([positions]))[0]
         self.cache.update(slot, len(tokens))
         return logits
 
-    def _run(self, start: int, stop: int, ids: np.ndarray, positions: Sequence[int]) -> np.ndarray:
-        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, positions, vocab]."""
-        values = step_values(self.cache, start, stop, ids.shape[1], self.rope, positions)
+    def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
+        values = step_values(self.cache, start, stop, ids.shape[1], self.rope, logits_index)
         values[names.INPUT_IDS] = _tensor(ids)
         for graph in self.graphs:
             graph.run(values)

@@ -42,7 +42,7 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         params.validate()
         self.params = params
-        self._rng = np.random.default_rng(params.seed)
+        self._rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # any int, as OpenAI takes
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params

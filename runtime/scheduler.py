@@ -1,8 +1,9 @@
 """Continuous batching: the running sequences share one decode step over the KV cache's slots.
 
 One worker thread owns the engine. Each step it frees the slots of finished and cancelled sequences, admits
-waiting requests into free slots, runs one prefill chunk of one newly admitted sequence (so a long prompt never
-stalls the others for more than a chunk), then one batched decode step for every sequence past its prompt.
+waiting requests into free slots, runs one batched prefill step (the next prompt chunks of the newest sequences,
+within a budget of prefill_chunk tokens, so a long prompt never stalls the others for more than a chunk), then
+one batched decode step for every sequence past its prompt.
 """
 from __future__ import annotations
 
@@ -107,24 +108,43 @@ class Scheduler:
             self.running.append(request)
 
     def step(self) -> None:
-        prefilling = next((r for r in self.running if r.fed < len(r.sequence.prompt_ids)), None)
-        if prefilling is not None:
-            prompt = prefilling.sequence.prompt_ids
-            chunk = prompt[prefilling.fed : prefilling.fed + self.engine.manifest.prefill_chunk]
-            logits = self._guarded([prefilling], lambda: self.engine.forward(prefilling.slot, chunk)[None])
+        prefill = self._prefill_batch()
+        if prefill:
+            chunks = [r.sequence.prompt_ids[r.fed : r.fed + self.engine.manifest.prefill_chunk] for r in prefill]
+            logits = self._guarded(prefill, lambda: self.engine.extend([r.slot for r in prefill], chunks))
             if logits is not None:
-                prefilling.fed += len(chunk)
-                self.metrics.prompt_tokens.inc(len(chunk))
-                if prefilling.fed == len(prompt):
-                    self._accept(prefilling, logits[0])
+                for request, chunk, row in zip(prefill, chunks, logits):
+                    request.fed += len(chunk)
+                    self.metrics.prompt_tokens.inc(len(chunk))
+                    if request.fed == len(request.sequence.prompt_ids):
+                        self._accept(request, row)
         batch = [r for r in self.running if r.next_token is not None and not r.cancelled]
         if batch:
-            tokens = [r.next_token for r in batch]
-            logits = self._guarded(batch, lambda: self.engine.decode([r.slot for r in batch], tokens))
+            tokens = [[r.next_token] for r in batch]
+            logits = self._guarded(batch, lambda: self.engine.extend([r.slot for r in batch], tokens))
             if logits is not None:
                 for request, row in zip(batch, logits):
                     self._accept(request, row)
         self.metrics.kv_cache_usage.set(self.engine.cache.usage())
+
+    def _prefill_batch(self) -> list[Request]:
+        """Sequences whose next prompt chunks run in this step, oldest first. Prompts that start in this step share
+        it while the padded batch (the run of slots they span times the longest chunk) stays within prefill_chunk
+        tokens, so short prompts prefill together and a long one takes its chunks alone; a continuing chunk runs
+        alone (ORT's GroupQueryAttention takes past context only at batch 1 when a step has several tokens)."""
+        budget = self.engine.manifest.prefill_chunk
+        pending = [r for r in self.running if r.fed < len(r.sequence.prompt_ids) and not r.cancelled]
+        if not pending or pending[0].fed:
+            return pending[:1]
+        chosen = pending[:1]
+        for request in pending[1:]:
+            group = [*chosen, request]
+            slots = [r.slot for r in group]
+            span = range(min(slots), max(slots) + 1)
+            width = max(min(len(r.sequence.prompt_ids), budget) for r in group)
+            if not request.fed and len(span) * width <= budget and not self.engine.cache.lengths[span.start : span.stop].any():
+                chosen = group
+        return chosen
 
     def _guarded(self, requests: list[Request], run: Callable[[], np.ndarray]) -> np.ndarray | None:
         """Run an engine step; if it fails, end its requests with the error and keep serving the others."""

@@ -86,10 +86,10 @@ def decode_scaling(artifact: Path, clients: int, threads: int, context: int = 64
         for slot in slots:
             engine.reset(slot)
             engine.forward(slot, prompt)
-        first = engine.decode(slots, [42] * batch)  # also the warm-up
+        first = engine.extend(slots, [[42]] * batch)  # also the warm-up
         start = time.perf_counter()
         for _ in range(steps):
-            engine.decode(slots, [42] * batch)
+            engine.extend(slots, [[42]] * batch)
         seconds = (time.perf_counter() - start) / steps
         if batch == 1:
             alone = first[0]
@@ -163,7 +163,7 @@ def bench_serve(
     except ImportError:
         raise TandemError("bench-serve needs the openai client: pip install 'tandem[dev]'") from None
     report: dict = {
-        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
+        "date": date.today().isoformat(), "machine": f"{_cpu()}, {_cores()} cores",
         "artifact": str(artifact), "clients": clients, "max_tokens": max_tokens, "threads": threads,
     }
     server = ServerProcess(artifact, "--max-num-seqs", str(max(clients, 1)), "--threads", str(threads))
@@ -185,6 +185,16 @@ def bench_serve(
     if out:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cores() -> int:

@@ -85,11 +85,33 @@ def test_batched_decode_matches_one_sequence_at_a_time(artifacts):
         for slot, prompt in prompts.items():
             engine.forward(slot, prompt)
         engine.forward(1, [3, 4])  # idle in the batch: its dummy row must not disturb its next chunk
-        got = [engine.decode([0, 2, 3], [t] * 3) for t in steps]
+        got = [engine.extend([0, 2, 3], [[t]] * 3) for t in steps]
         for row, slot in enumerate(prompts):
             np.testing.assert_allclose(np.stack([g[row] for g in got]), np.stack(expected[slot]), atol=1e-5, err_msg=name)
         np.testing.assert_allclose(engine.forward(1, [5]), partial, atol=1e-5, err_msg=name)
         assert engine.cache.lengths.tolist() == [12, 3, 6, 23]
+
+
+def test_prompts_of_different_lengths_prefill_in_one_step(artifacts):
+    """Batched prefill: first chunks of different lengths, padded, around an empty slot."""
+    prompts = {0: list(range(5, 17)), 1: [40, 41, 42], 3: list(range(60, 67))}
+    for name, artifact in artifacts.items():
+        alone = Engine(artifact)
+        expected = {}
+        for slot, prompt in prompts.items():
+            alone.reset(0)
+            alone.forward(0, prompt)
+            expected[slot] = alone.forward(0, [9])
+        engine = Engine(artifact, slots=4)
+        engine.extend(list(prompts), list(prompts.values()))
+        got = engine.extend(list(prompts), [[9]] * 3)  # the decode step after it sees each row's own length
+        for row, slot in enumerate(prompts):
+            np.testing.assert_allclose(got[row], expected[slot], atol=1e-5, err_msg=name)
+        assert engine.cache.lengths.tolist() == [13, 4, 0, 8]
+        with pytest.raises(TandemError, match="starts empty"):
+            engine.extend([0, 2], [[5, 6], [7, 8]])
+        with pytest.raises(TandemError, match="exceed the KV cache capacity"):
+            engine.extend([0], [[5] * 84])
 
 
 def test_context_that_does_not_fit(artifacts):

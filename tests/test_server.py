@@ -111,6 +111,7 @@ def test_seed_n_and_logprobs(client):
     texts = lambda r: [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
     assert texts(a) == texts(b) != texts(c)
     assert len(set(texts(a))) > 1  # each choice draws its own sample
+    assert len(client.completions.create(seed=-1, **ask).choices) == 3  # any int64 seed
     lp = a.choices[0].logprobs
     assert 0 < len(lp.tokens) == len(lp.token_logprobs) <= 8 and all(v <= 0 for v in lp.token_logprobs)
     assert all(len(top) <= 2 for top in lp.top_logprobs)
@@ -184,6 +185,9 @@ BAD = [
     ({"model": NAME, "messages": USER, "tool_choice": "required"}, 400, "no tools"),
     ({"model": NAME, "messages": USER, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ({"model": NAME, "messages": USER, "max_tokens": 500}, 400, "maximum context length is 512 tokens"),
+    ({"model": NAME, "messages": USER, "max_tokens": 10**12}, 400, "maximum context length"),
+    ({"model": NAME, "messages": USER, "stop": ["x"] * 17}, 400, "at most 16"),
+    ({"model": NAME, "messages": {"role": "user"}}, 400, "messages"),
     ({"model": NAME, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "maximum context length"),
     ({"model": "gpt-4", "messages": USER}, 404, "model"),
 ]
