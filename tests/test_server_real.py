@@ -135,3 +135,24 @@ def test_disconnect_mid_stream_frees_the_slot(default_server, client):
     assert default_server.metric(abort) >= 1 and default_server.metric("tandem:request_success_total") == finished + 1
     r = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=FIB, max_tokens=8)
     assert r.choices[0].message.content
+
+
+def test_completions_stop_length_usage_seed_and_bad_input(default_server, client):
+    model = "qwen2.5-coder-0.5b-instruct"
+    full = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    stop = text[text.index("return") :][:6] if "return" in text else text[4:7]
+    cut = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(
+        model=model, messages=FIB, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+    ))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    sample = lambda seed: client.chat.completions.create(  # noqa: E731
+        model=model, messages=FIB, max_tokens=12, temperature=1.0, seed=seed).choices[0].message.content
+    assert sample(3) == sample(3) != sample(4)
+    for body, status in (({"model": model, "messages": FIB, "max_tokens": 5000}, 400), ({"model": "gpt-4", "messages": FIB}, 404),
+                         ({"model": model, "messages": FIB, "logit_bias": {}}, 400), (b"{", 400)):
+        got, _, raw = default_server.request("POST", "/v1/chat/completions", body)
+        assert got == status and set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
