@@ -67,19 +67,24 @@ def test_slots_are_independent(artifacts):
     assert engine.cache.lengths.tolist() == [len(a), len(b)]
 
 
+def one_at_a_time(artifact, prompts: dict[int, list[int]], steps: list[int]) -> dict[int, list[np.ndarray]]:
+    """Each prompt alone on a fresh slot, then the decode steps' logits."""
+    engine = Engine(artifact)
+    expected = {}
+    for slot, prompt in prompts.items():
+        engine.reset(0)
+        engine.forward(0, prompt)
+        expected[slot] = [engine.forward(0, [t]) for t in steps]
+    return expected
+
+
 def test_batched_decode_matches_one_sequence_at_a_time(artifacts):
     """Continuous batching's step: slots of different lengths decode together around a slot that is mid-prefill."""
     prompts = {0: [5, 6, 7, 8, 9, 10, 11, 12, 13], 2: [40, 41, 42], 3: list(range(60, 80))}
-    steps = (7, 8, 9)
+    steps = [7, 8, 9]
     for name, artifact in artifacts.items():
-        alone = Engine(artifact)
-        expected = {}
-        for slot, prompt in prompts.items():
-            alone.reset(0)
-            alone.forward(0, prompt)
-            expected[slot] = [alone.forward(0, [t]) for t in steps]
-        alone.reset(0)
-        partial = alone.forward(0, [3, 4, 5])
+        expected = one_at_a_time(artifact, prompts, steps)
+        partial = Engine(artifact).forward(0, [3, 4, 5])
 
         engine = Engine(artifact, slots=4)
         for slot, prompt in prompts.items():
@@ -96,17 +101,12 @@ def test_prompts_of_different_lengths_prefill_in_one_step(artifacts):
     """Batched prefill: first chunks of different lengths, padded, around an empty slot."""
     prompts = {0: list(range(5, 17)), 1: [40, 41, 42], 3: list(range(60, 67))}
     for name, artifact in artifacts.items():
-        alone = Engine(artifact)
-        expected = {}
-        for slot, prompt in prompts.items():
-            alone.reset(0)
-            alone.forward(0, prompt)
-            expected[slot] = alone.forward(0, [9])
+        expected = one_at_a_time(artifact, prompts, [9])
         engine = Engine(artifact, slots=4)
         engine.extend(list(prompts), list(prompts.values()))
         got = engine.extend(list(prompts), [[9]] * 3)  # the decode step after it sees each row's own length
         for row, slot in enumerate(prompts):
-            np.testing.assert_allclose(got[row], expected[slot], atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(got[row], expected[slot][0], atol=1e-5, err_msg=name)
         assert engine.cache.lengths.tolist() == [13, 4, 0, 8]
         with pytest.raises(TandemError, match="starts empty"):
             engine.extend([0, 2], [[5, 6], [7, 8]])
