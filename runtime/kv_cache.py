@@ -11,7 +11,7 @@ from runtime.manifest import KVCacheSpec, past_name
 class KVCache:
     """K and V for every layer and slot ([layers, slots, kv_heads, capacity, head_dim]).
 
-    A run of slots [0, n) is a batch: its per-layer views are wrapped once as OrtValues over the same memory,
+    A run of slots [start, stop) is a batch: its per-layer views are wrapped once as OrtValues over the same memory,
     so binding the cache into a graph as past_* input and present_* output copies nothing.
     """
 
