@@ -44,19 +44,44 @@ def compile_recipe(
             raise TandemError(format_validation_error(f"{recipe_path} with --max-context {max_context}", e)) from None
     source = open_source(model or recipe.model)
     out = Path(out or Path("artifacts") / recipe.name)
+    _recover(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    (work / names.UNFINISHED).write_text(f"{os.getpid()}\n")
     try:
         write_artifact(work, recipe, source, show_progress)
         report = verify_artifact(work, source, show_progress=show_progress)
         (work / names.VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if report["failures"]:
             raise TandemError("verify failed, artifact not written:\n  " + "\n  ".join(report["failures"]))
+        (work / names.UNFINISHED).unlink()
         _replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Clear what builds of `out` killed midway left beside it; a previous artifact moved aside comes back."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = leftover.name.rpartition("-")
+        if kind not in (f".{out.name}.partial", f".{out.name}.old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not out.exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -121,7 +146,7 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
         del model
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != names.UNFINISHED)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         name=recipe.name,

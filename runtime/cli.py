@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,9 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413 (default 8 MiB)")
+    p.add_argument("--max-messages", type=int, default=1024, help="chat messages (or completion prompts) per request")
+    p.add_argument("--max-tokens", type=int, default=None, help="the most one request may generate (default: the context)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="aggregate tokens/s of concurrent streaming clients vs one at a time")
@@ -45,6 +49,25 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("stress", help="load, soak and cut streams against the server; what it must not lose")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients in the load run")
+    p.add_argument("--requests", type=int, default=50, help="mixed requests per client (0: skip the load run)")
+    p.add_argument("--soak", type=int, default=1000, help="requests in the soak run (0: skip)")
+    p.add_argument("--disconnects", type=int, default=50, help="streams cut mid-way (0: skip)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    p.set_defaults(func=cmd_stress)
+
+    p = sub.add_parser("fuzz", help="schemathesis against the server's own OpenAPI schema (needs the dev extra)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--max-examples", type=int, default=200, help="generated cases per operation and phase")
+    p.add_argument("--seconds", type=int, default=600, help="time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("info", help="graphs, roles, requested vs resolved execution providers, sizes")
     p.add_argument("artifact", type=Path)
@@ -120,15 +143,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from runtime.server import ServerConfig, Service, create_app
     except ImportError as e:
         raise TandemError(f"the server needs the `server` extra: pip install 'tandem[server]' ({e})") from None
-    if args.max_num_seqs < 1 or args.max_waiting < 0:
-        raise TandemError("--max-num-seqs must be at least 1 and --max-waiting at least 0")
+    if min(args.max_num_seqs, args.max_body_bytes, args.max_messages, args.max_tokens or 1) < 1 or args.max_waiting < 0:
+        raise TandemError("--max-num-seqs, --max-body-bytes, --max-messages and --max-tokens must be at least 1, "
+                          "--max-waiting at least 0")
     failure: list[str] = []
 
     def stop(message: str) -> None:
         failure.append(message)
         server.should_exit = True
 
-    config = ServerConfig(args.artifact, args.served_model_name, args.api_key, args.max_num_seqs, args.max_waiting, args.threads)
+    config = ServerConfig(
+        args.artifact, args.served_model_name, args.api_key, args.max_num_seqs, args.max_waiting, args.threads,
+        args.max_body_bytes, args.max_messages, args.max_tokens,
+    )
     service = Service(config, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))
     server.run()
@@ -144,6 +171,29 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     except ValueError:
         raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
     print(markdown(bench_serve(args.artifact, args.clients, args.max_tokens, args.threads, args.out, lengths)))
+
+
+def cmd_stress(args: argparse.Namespace) -> None:
+    from runtime.stress import markdown, stress, verdict
+
+    report = stress(args.artifact, args.clients, args.requests, args.soak, args.disconnects, args.threads, args.out)
+    print(markdown(report))
+    if verdict(report):
+        raise TandemError("stress run failed (see above)")
+
+
+def cmd_fuzz(args: argparse.Namespace) -> None:
+    try:
+        from runtime.fuzz import fuzz
+    except ImportError as e:
+        raise TandemError(f"fuzzing needs the `dev` extra: pip install 'tandem[dev]' ({e})") from None
+    report = fuzz(args.artifact, args.max_examples, args.seconds, args.seed, args.threads)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(report["output_tail"])
+    print(f"{report['generated']} cases generated, {report['passed']} passed; server alive: {report['server_alive']}")
+    if report["schemathesis_exit"] or not report["server_alive"]:
+        raise TandemError("fuzzing found failures (see above)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

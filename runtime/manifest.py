@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ MANIFEST = "manifest.yaml"
 ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
 GENERATION_CONFIG = "generation_config.json"
 VERIFY_REPORT = "verify.json"
+UNFINISHED = "UNFINISHED"  # holds the building process's pid until the build has passed verify
 
 Role = Literal["npu", "igpu", "cpu"]
 BlockKind = Literal["embed", "attention", "ffn", "head"]
@@ -186,6 +188,7 @@ def file_entry(root: Path, path: Path) -> FileEntry:
 def load_manifest(directory: Path, check_files: bool = True) -> Manifest:
     """Load and validate an artifact's manifest; with check_files, every listed file must match its sha256."""
     path = Path(directory) / MANIFEST
+    check_finished(Path(directory))
     if not path.is_file():
         raise TandemError(f"{path}: not an artifact (no {MANIFEST})")
     data = load_mapping(path)
@@ -205,10 +208,25 @@ def load_manifest(directory: Path, check_files: bool = True) -> Manifest:
     return manifest
 
 
+def check_finished(directory: Path) -> None:
+    """A directory still being built loads only in its builder (and the builder's verify subprocess)."""
+    marker = directory / UNFINISHED
+    if not marker.exists():
+        return
+    builder = marker.read_text().strip()
+    if builder not in (str(os.getpid()), str(os.getppid())):
+        raise TandemError(f"{directory}: an unfinished build (by process {builder or '?'}; killed or still running), "
+                          "not an artifact; compile again")
+
+
 def verify_files(directory: Path, manifest: Manifest) -> None:
     for entry in manifest.files:
         file = directory / entry.path
         if not file.is_file():
             raise TandemError(f"{file}: missing (listed in {MANIFEST})")
-        if file.stat().st_size != entry.size or sha256_of(file) != entry.sha256:
+        size = file.stat().st_size
+        if size != entry.size:
+            raise TandemError(f"{file}: {size} bytes where the manifest lists {entry.size}: the file was truncated or "
+                              "modified; recompile the artifact")
+        if sha256_of(file) != entry.sha256:
             raise TandemError(f"{file}: sha256 mismatch: the file was modified or corrupted; recompile the artifact")

@@ -95,8 +95,8 @@ class Scheduler:
         """Drop cancelled requests; move waiting ones into free slots, lowest first (the decode batch is slots
         [0, highest in use], so packing them low keeps it small)."""
         for request in [r for r in self.running if r.cancelled]:
+            self.metrics.request_success.inc(label="abort")  # counted before it leaves `running`: scrapes see both
             self._finish(request)
-            self.metrics.request_success.inc(label="abort")
         for request in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(request)
             self.metrics.request_success.inc(label="abort")

@@ -50,7 +50,6 @@ from runtime.tool_calls import (
 )
 
 log = logging.getLogger("tandem")
-MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass
@@ -61,6 +60,9 @@ class ServerConfig:
     max_num_seqs: int = 8  # KV cache slots: sequences decoded together
     max_waiting: int = 64
     threads: int = 0
+    max_body_bytes: int = 8 << 20
+    max_messages: int = 1024  # chat messages, or prompts of one completions request
+    max_tokens: int | None = None  # the most a request may generate; None: whatever fits the context
 
 
 class Service:
@@ -145,7 +147,9 @@ def create_app(service: Service) -> FastAPI:
         service.close()
 
     app = FastAPI(title="tandem", description="OpenAI-compatible server for tandem artifacts", lifespan=lifespan)
-    api_key = service.config.api_key
+    app.openapi = lambda: _openapi(app, service)
+    config = service.config
+    api_key = config.api_key
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -190,44 +194,74 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        body = parse(await _body(request), ChatCompletionRequest)
+        body = parse(await _body(request, config.max_body_bytes), ChatCompletionRequest)
         return await _serve(request, service, _chat_plan(service, body))
 
     @app.post("/v1/completions", openapi_extra=_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        body = parse(await _body(request), CompletionRequest)
+        body = parse(await _body(request, config.max_body_bytes), CompletionRequest)
         return await _serve(request, service, _completion_plan(service, body))
 
     return app
 
 
+REF = "#/components/schemas/{model}"
+
+
 def _schema(model: type) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """The request body's JSON Schema (the body is parsed by hand, so FastAPI cannot derive it)."""
+    schema = model.model_json_schema(ref_template=REF)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI, service: Service) -> dict:
+    """FastAPI's schema plus the request models' definitions, so that every $ref resolves, and `model` as the
+    names served (fuzzers read it to reach past the model check)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatCompletionRequest, CompletionRequest):
+            components.update(model.model_json_schema(ref_template=REF).get("$defs", {}))
+        if service.generator is None:
+            return schema  # the names are known once the model has loaded
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            body["properties"]["model"] = {"type": "string", "enum": service.names, "title": "Model"}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def _body(request: Request) -> bytes:
-    """The raw body, whatever its Content-Type says (curl -d labels JSON as a form)."""
+async def _body(request: Request, limit: int) -> bytes:
+    """The raw body, whatever its Content-Type says (curl -d labels JSON as a form); never more than `limit` bytes."""
     size = request.headers.get("content-length")
-    if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise APIError(f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}", 413)
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(f"request body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}", 413)
-    return body
+    if size and size.isdigit() and int(size) > limit:
+        raise APIError(f"request body of {size} bytes exceeds the limit of {limit}", 413)
+    body = bytearray()
+    async for part in request.stream():  # a chunked body has no Content-Length: count as it arrives
+        body += part
+        if len(body) > limit:
+            raise APIError(f"request body exceeds the limit of {limit} bytes", 413)
+    return bytes(body)
 
 
 def _budgets(service: Service, prompts: list[list[int]], requested: int | None) -> list[int]:
     """max_tokens per prompt; a request that cannot fit the context is a 400 that gives both numbers."""
-    capacity = service.ready().engine.capacity
+    capacity, limit = service.ready().engine.capacity, service.config.max_tokens
+    if requested is not None and limit is not None and requested > limit:
+        raise APIError(f"max_tokens is {requested}, above this server's limit of {limit}", param="max_tokens",
+                       code="invalid_value")
     budgets = []
     for ids in prompts:
         if not ids:
             raise APIError("the prompt is empty", param="prompt")
-        wanted = requested if requested is not None else capacity - len(ids)
+        wanted = requested if requested is not None else min(capacity - len(ids), limit or capacity)
         if len(ids) + max(wanted, 1) > capacity:
             raise APIError(
                 f"This model's maximum context length is {capacity} tokens. However, you requested "
@@ -239,9 +273,16 @@ def _budgets(service: Service, prompts: list[list[int]], requested: int | None) 
     return budgets
 
 
+def _check_count(count: int, limit: int, param: str) -> None:
+    if count > limit:
+        raise APIError(f"{param} has {count} entries, above this server's limit of {limit}", param=param,
+                       code="invalid_value")
+
+
 def _chat_plan(service: Service, body: ChatCompletionRequest) -> Plan:
     generator = service.ready()
     service.check_model(body.model)
+    _check_count(len(body.messages), service.config.max_messages, "messages")
     messages = []
     for m in body.messages:
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -274,6 +315,7 @@ def _completion_plan(service: Service, body: CompletionRequest) -> Plan:
     service.check_model(body.model)
     prompts, echo = [], []
     vocab = generator.engine.manifest.model.vocab_size
+    _check_count(len(body.prompts()), service.config.max_messages, "prompt")
     for p in body.prompts():
         if isinstance(p, list) and any(not 0 <= t < vocab for t in p):
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")

@@ -46,6 +46,16 @@ def artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def chat_artifact(tmp_path_factory, checkpoint) -> Path:
+    """The tiny model with a 512-token context, served as `tiny-chat`."""
+    from compiler.build import compile_recipe
+
+    root = tmp_path_factory.mktemp("served")
+    recipe = write_recipe(root, name="served", max_context=512, served_model_name=["tiny-chat"])
+    return compile_recipe(recipe, model=str(checkpoint), out=root / "served", show_progress=False)
+
+
 def tandem(*args: str) -> subprocess.CompletedProcess:
     """Run the `tandem` CLI in a subprocess; it must succeed."""
     proc = subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True)
