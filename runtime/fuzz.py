@@ -35,8 +35,11 @@ def openai_error_envelope(ctx, response, case) -> None:
 
 
 def fuzz(artifact: Path, max_examples: int, seconds: int, seed: int = 0, threads: int = 1) -> dict:
-    """Fuzz a `tandem serve` of `artifact` within `max_examples` per operation and `seconds` overall."""
-    server = ServerProcess(artifact, "--api-key", KEY, "--threads", str(threads))
+    """Fuzz a `tandem serve` of `artifact` within `max_examples` per operation and `seconds` overall.
+
+    The server generates at most 32 tokens a request (more is a 400), so the budget goes to many requests rather
+    than to a few long generations."""
+    server = ServerProcess(artifact, "--api-key", KEY, "--threads", str(threads), "--max-tokens", "32")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--checks", CHECKS,

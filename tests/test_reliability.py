@@ -41,7 +41,6 @@ def test_divergence_is_measured_where_replies_part():
 
 
 def test_fuzzing_finds_no_server_errors(chat_artifact):
-    pytest.importorskip("schemathesis")
     from runtime.fuzz import fuzz
 
     report = fuzz(chat_artifact, max_examples=15, seconds=40)

@@ -235,6 +235,14 @@ def test_other_bad_requests(served):
     assert server.request("GET", "/health")[0] == 200  # and the server is still up
 
 
+def test_binds_loopback_only_by_default(served):
+    """Without --host the listening socket is 127.0.0.1 (read from /proc/net/tcp), not every interface."""
+    port = f"{served[0].port:04X}"
+    listening = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
+                 if line.split()[1].endswith(":" + port) and line.split()[3] == "0A"]
+    assert listening == ["0100007F:" + port]
+
+
 def test_limits_are_configurable(served):
     """--max-body-bytes, --max-messages and --max-tokens, and a chunked body (no Content-Length) over the limit."""
     server = ServerProcess(served[1], "--max-body-bytes", "2048", "--max-messages", "2", "--max-tokens", "8", "--threads", "1")
