@@ -11,19 +11,25 @@ import onnx
 import yaml
 from pydantic import ValidationError
 
-from compiler.graphs import build_graph, rope_tables
-from compiler.progress import progress
 from compiler.calibrate import feeds, first_samples, propagate
+from compiler.graphs import build_graph, rope_tables
 from compiler.plan import plan
+from compiler.progress import progress
 from compiler.quantize import graph_quantization, quantize
 from compiler.recipe import Recipe, load_recipe
 from compiler.source import ModelSource, open_source
 from runtime import manifest as names
 from runtime.errors import TandemError
-from runtime.tokenizer import Tokenizer
 from runtime.manifest import (
-    FORMAT_VERSION, GraphSpec, KVCacheSpec, Manifest, TensorSpec, file_entry, format_validation_error,
+    FORMAT_VERSION,
+    GraphSpec,
+    KVCacheSpec,
+    Manifest,
+    TensorSpec,
+    file_entry,
+    format_validation_error,
 )
+from runtime.tokenizer import Tokenizer
 
 
 def compile_recipe(

@@ -279,9 +279,9 @@ def verdict(report: dict) -> list[str]:
         if soak["rss_growth"] >= 0.05 or soak["fds_leaked"] > 0 or soak["threads_leaked"] > 0:
             problems.append(f"soak: RSS grew {soak['rss_growth']:.1%}, {soak['fds_leaked']} fds and "
                             f"{soak['threads_leaked']} threads leaked")
-    if cut := report.get("disconnects"):
-        if cut["still_running"] or cut["ended"] != cut["cut"] + cut["finished_before_cut"] or cut["followup_served"] < 8:
-            problems.append(f"disconnects: {cut['still_running']:.0f} still running, {cut['ended']:.0f} of "
+    cut = report.get("disconnects")
+    if cut and (cut["still_running"] or cut["ended"] != cut["cut"] + cut["finished_before_cut"] or cut["followup_served"] < 8):
+        problems.append(f"disconnects: {cut['still_running']:.0f} still running, {cut['ended']:.0f} of "
                             f"{cut['cut'] + cut['finished_before_cut']} ended, {cut['followup_served']} of 8 follow-ups served")
     return problems
 
@@ -290,11 +290,12 @@ def markdown(report: dict) -> str:
     lines = [f"# tandem stress: {report['model']} ({report['date']})", ""]
     if load := report.get("load"):
         lines += [
-            f"- load: {load['clients']} clients x {load['requests'] // load['clients']} mixed requests in "
-            f"{load['seconds']:.1f} s: {load['failures']} failures; {load['equal_to_sequential']} equal to the sequential "
-            f"run, {load['differ_at_near_tie']} part at a near-tie (< {NEAR_TIE} nats), {load['differ_elsewhere']} elsewhere",
-            f"  - latency p50 {load['latency_s']['p50']:.3f} s, p99 {load['latency_s']['p99']:.3f} s; "
-            f"TTFT (streamed) p50 {load['ttft_s'].get('p50', 0):.3f} s, p99 {load['ttft_s'].get('p99', 0):.3f} s",
+            (f"- load: {load['clients']} clients x {load['requests'] // load['clients']} mixed requests in "
+             f"{load['seconds']:.1f} s: {load['failures']} failures; {load['equal_to_sequential']} equal to the "
+             f"sequential run, {load['differ_at_near_tie']} part at a near-tie (< {NEAR_TIE} nats), "
+             f"{load['differ_elsewhere']} elsewhere"),
+            (f"  - latency p50 {load['latency_s']['p50']:.3f} s, p99 {load['latency_s']['p99']:.3f} s; "
+             f"TTFT (streamed) p50 {load['ttft_s'].get('p50', 0):.3f} s, p99 {load['ttft_s'].get('p99', 0):.3f} s"),
         ]
     if soak := report.get("soak"):
         lines.append(
@@ -306,7 +307,8 @@ def markdown(report: dict) -> str:
     if cut := report.get("disconnects"):
         lines.append(
             f"- disconnects: {cut['cut']} streams cut after 1-{cut['events_read'].get('max', 0):.0f} events: "
-            f"{cut['ended']:.0f} ended ({cut['aborts']:.0f} as aborts, the rest finished before the server saw the cut), "
+            f"{cut['ended']:.0f} ended ({cut['aborts']:.0f} as aborts, {cut['ended'] - cut['aborts']:.0f} finished before "
+            "the server saw the cut), "
             f"{cut['still_running']:.0f} still running, "
             f"{cut['followup_served']} of 8 follow-up requests served"
         )

@@ -5,6 +5,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -238,8 +239,8 @@ def test_other_bad_requests(served):
 def test_binds_loopback_only_by_default(served):
     """Without --host the listening socket is 127.0.0.1 (read from /proc/net/tcp), not every interface."""
     port = f"{served[0].port:04X}"
-    listening = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
-                 if line.split()[1].endswith(":" + port) and line.split()[3] == "0A"]
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    listening = [row[1] for row in rows if row[1].endswith(":" + port) and row[3] == "0A"]
     assert listening == ["0100007F:" + port]
 
 
