@@ -60,6 +60,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def cmd_make_checkpoint(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from compiler.checkpoint import load_config, make_checkpoint
+
+    config, generation = load_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = args.tokenizer
+        if tokenizer is None:  # the default model's tokenizer: Qwen2.5's vocabulary, chat template and specials
+            _require_compiler()
+            from compiler.source import open_source
+
+            tokenizer = Path(tmp)
+            open_source("default").save_tokenizer(tokenizer)
+        out = make_checkpoint(config, generation, args.output, tokenizer, args.seed, int(args.shard_gb * (1 << 30)))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e9:.2f} GB, {config['num_hidden_layers']} layers, seed {args.seed})")
+
+
 def _print_report(report: dict) -> None:
     worst = max(report["graphs"], key=lambda g: g["max_rel_error"])
     print(f"verify: {len(report['graphs'])} graphs, worst max rel error {worst['max_rel_error']:.2e} ({worst['graph']})", file=sys.stderr)
@@ -92,6 +111,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("artifact", type=Path)
     v.add_argument("--eval-windows", type=int, default=None, help="held-out text windows to evaluate (default: the recipe's)")
     v.set_defaults(func=cmd_verify)
+    m = sub.add_parser("make-checkpoint", help="an HF checkpoint with a real config and seeded random weights")
+    m.add_argument("--config", required=True, help="qwen2.5-7b-instruct, or a config.json path")
+    m.add_argument("--random-weights", action="store_true", required=True, help="the only kind of weights it writes")
+    m.add_argument("-o", "--output", type=Path, required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--tokenizer", type=Path, default=None, help="directory with tokenizer.json (default: the default model's)")
+    m.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size")
+    m.set_defaults(func=cmd_make_checkpoint)
     c = sub.add_parser("compare", help="artifacts of the same weights vs the fp32 reference on held-out text")
     c.add_argument("artifacts", type=Path, nargs="+")
     c.add_argument("--eval-windows", type=int, default=40)
