@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from compiler.evaltext import windows
 from compiler.fidelity import FidelityAccumulator, score
 from compiler.progress import progress
+from compiler.reference import sequence_logits
 from compiler.source import ModelSource
-from compiler.verify import engine_logits, reference_logits, runtime_peak_rss
+from compiler.verify import engine_logits, runtime_peak_rss
 from runtime.engine import Engine
 from runtime.errors import TandemError
 from runtime.manifest import load_manifest
@@ -88,10 +90,9 @@ def compare(
         }
     candidates = {**{a: engine_logits(Engine(a)) for a in artifacts}, **{d: genai_candidate(d) for d in genai}}
     accumulators = {key: FidelityAccumulator() for key in candidates}
-    reference = reference_logits(source.reference_model())
     texts = windows(Tokenizer.from_dir(artifacts[0]), "evaluation", window, count)
-    for tokens in progress(texts, show_progress, "comparing"):
-        score(tokens, reference(tokens), [(accumulators[key], candidate(tokens)) for key, candidate in candidates.items()])
+    for tokens, reference in zip(progress(texts, show_progress, "comparing"), sequence_logits(source)(texts)):
+        score(tokens, reference, [(accumulators[key], candidate(tokens)) for key, candidate in candidates.items()])
     return [{**rows[key], **accumulators[key].result()} for key in candidates]
 
 

@@ -6,7 +6,7 @@ Accumulated window by window and, within a window, `chunk_rows` rows at a time: 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,11 +89,11 @@ def score(tokens: Sequence[int], reference_logits: np.ndarray, candidates: list[
         acc.predictions += len(targets)
 
 
-def evaluate(windows: list[list[int]], reference: Model, candidate: Model | None) -> dict[str, Any]:
-    """Run the reference (and candidate) on every window and report the accumulated metrics."""
+def evaluate(windows: list[list[int]], references: Iterable[np.ndarray], candidate: Model | None) -> dict[str, Any]:
+    """Score the candidate on every window against the reference's logits for it (given in window order)."""
     acc = FidelityAccumulator()
-    for tokens in windows:
-        acc.add(tokens, reference(tokens), candidate(tokens) if candidate is not None else None)
+    for tokens, reference in zip(windows, references, strict=True):
+        acc.add(tokens, reference, candidate(tokens) if candidate is not None else None)
     return acc.result()
 
 

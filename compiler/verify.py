@@ -6,18 +6,20 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from compiler.progress import progress
 from compiler.evaltext import windows
 from compiler.fidelity import evaluate
 from compiler.plan import Block
+from compiler.progress import progress
 from compiler.recipe import Recipe, VerifySpec
+from compiler.reference import SequenceLogits, block_reference, sequence_logits
 from compiler.source import ModelSource
 from runtime import manifest as names
 from runtime.engine import Engine, GraphRunner, step_values
@@ -34,7 +36,7 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     manifest = load_manifest(directory)
     spec = Recipe.model_validate(manifest.recipe).verify
     graphs = verify_graphs(directory, manifest, source, show_progress)
-    tokenizer, engine, reference = Tokenizer.from_dir(directory), Engine(directory), source.reference_model()
+    tokenizer, engine, reference = Tokenizer.from_dir(directory), Engine(directory), sequence_logits(source)
     chain = verify_chain(directory, manifest, tokenizer, engine, reference, spec, show_progress)
     count = spec.eval_windows if eval_windows is None else eval_windows
     fidelity = verify_fidelity(tokenizer, engine, reference, count, spec.eval_window, show_progress) if count else None
@@ -65,10 +67,12 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     }
 
 
-def verify_fidelity(tokenizer: Tokenizer, engine: Engine, reference, count: int, window: int, show_progress: bool) -> dict[str, Any]:
+def verify_fidelity(
+    tokenizer: Tokenizer, engine: Engine, reference: SequenceLogits, count: int, window: int, show_progress: bool
+) -> dict[str, Any]:
     """Perplexity, top-1 agreement and KL vs the fp32 transformers reference on held-out text (compiler.evaltext)."""
     texts = windows(tokenizer, "evaluation", window, count)
-    result = evaluate(list(progress(texts, show_progress, "evaluating")), reference_logits(reference), engine_logits(engine))
+    result = evaluate(list(progress(texts, show_progress, "evaluating")), reference(texts), engine_logits(engine))
     return {"windows": count, "window": window, **result}
 
 
@@ -78,14 +82,6 @@ def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
     def logits(tokens: list[int]) -> np.ndarray:
         engine.reset(0)
         return engine.forward(0, tokens, all_logits=True)
-
-    return logits
-
-
-def reference_logits(model) -> Callable[[list[int]], np.ndarray]:
-    @torch.no_grad()
-    def logits(tokens: list[int]) -> np.ndarray:
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
 
     return logits
 
@@ -112,7 +108,7 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
     results = []
     for spec in progress(manifest.graphs, show_progress, "verifying graphs"):
         blocks = [Block(kind, int(layer) if layer else None) for kind, _, layer in (b.partition(".") for b in spec.blocks)]
-        expected = _reference(blocks, source)(torch.from_numpy(x)).numpy()
+        expected = block_reference(blocks, source)(torch.from_numpy(x)).numpy()
         actual = _run_graph(directory, manifest, spec, x)
         err = np.abs(actual - expected)
         results.append({
@@ -143,54 +139,6 @@ def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarr
     return np.concatenate(outputs, axis=1)
 
 
-def _reference(blocks: list[Block], source: ModelSource) -> Callable[[torch.Tensor], torch.Tensor]:
-    """transformers' own Qwen2 modules, loaded with the source's weights, applied block after block."""
-    from transformers import Qwen2Config
-    from transformers.models.qwen2 import modeling_qwen2 as qwen2
-
-    config = Qwen2Config(**source.hf_config)
-    config._attn_implementation = "sdpa"
-    w = lambda name: torch.tensor(source.tensor(name))  # noqa: E731
-
-    def load(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
-        module.load_state_dict({k: w(f"{prefix}.{k}") for k in module.state_dict()})
-        return module.eval()
-
-    def norm(name: str) -> torch.nn.Module:
-        return load(qwen2.Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps), name)
-
-    rotary = qwen2.Qwen2RotaryEmbedding(config)
-
-    def block_fn(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
-        p = f"model.layers.{block.layer}"
-        if block.kind == "embed":
-            table = w("model.embed_tokens.weight")
-            return lambda ids: table[ids]
-        if block.kind == "attention":
-            attn, pre = load(qwen2.Qwen2Attention(config, block.layer), f"{p}.self_attn"), norm(f"{p}.input_layernorm")
-
-            def attention(x: torch.Tensor) -> torch.Tensor:
-                position = rotary(x, torch.arange(x.shape[1])[None])
-                return x + attn(pre(x), position_embeddings=position, attention_mask=None)[0]
-
-            return attention
-        if block.kind == "ffn":
-            mlp, pre = load(qwen2.Qwen2MLP(config), f"{p}.mlp"), norm(f"{p}.post_attention_layernorm")
-            return lambda x: x + mlp(pre(x))
-        final, lm_head = norm("model.norm"), w("lm_head.weight")
-        return lambda x: final(x) @ lm_head.T
-
-    fns = [block_fn(b) for b in blocks]
-
-    @torch.no_grad()
-    def run(x: torch.Tensor) -> torch.Tensor:
-        for fn in fns:
-            x = fn(x)
-        return x
-
-    return run
-
-
 # --- chain ----------------------------------------------------------------------------------------
 
 
@@ -201,27 +149,35 @@ def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -
     return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
 
 
-def verify_chain(directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, reference, spec: VerifySpec, show_progress: bool) -> list[dict[str, Any]]:
+def verify_chain(
+    directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, reference: SequenceLogits,
+    spec: VerifySpec, show_progress: bool,
+) -> list[dict[str, Any]]:
+    """Our greedy continuation of each prompt, then the reference's logits over prompt + continuation in one pass
+    (teacher forcing): up to the first token where the reference's argmax parts from ours both saw the same
+    prefix, so agreement and logit errors are those of two greedy runs, and a 7B reference runs once."""
     generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
     eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
-    results = []
+    runs = []
     for prompt in progress(verify_prompts(spec, tokenizer, manifest), show_progress, "verifying chain"):
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
         engine.reset(0)
-        ours, our_logits = _greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)
-        theirs, their_logits = _greedy(_torch_step(reference), ids, spec.new_tokens, eos)
-        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        steps = min(agree + 1, len(our_logits), len(their_logits))
-        errors = [float(np.abs(our_logits[i] - their_logits[i]).max()) for i in range(steps)]
+        runs.append((prompt, ids, *_greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)))
+    results = []
+    for (prompt, ids, ours, our_logits), logits in zip(runs, reference([ids + ours[:-1] for _, ids, ours, _ in runs])):
+        theirs = logits[len(ids) - 1 :]
+        agree = next((i for i, token in enumerate(ours) if int(np.argmax(theirs[i])) != token), len(ours))
+        errors = [float(np.abs(our_logits[i] - theirs[i]).max()) for i in range(min(agree + 1, len(ours)))]
+        reference_tokens = ours[:agree] + ([int(np.argmax(theirs[agree]))] if agree < len(ours) else [])
         results.append({
             "prompt": prompt if len(prompt) < 200 else prompt[:200] + "...",
             "prompt_tokens": len(ids),
-            "new_tokens": len(theirs),
+            "new_tokens": len(ours),
             "logits_max_abs_error": errors[0],
             "logits_max_abs_error_all_steps": max(errors),
-            "greedy_agreement": agree / max(len(ours), len(theirs), 1),
+            "greedy_agreement": agree / max(len(ours), 1),
             "text": tokenizer.decode(ours),
-            "reference_text": tokenizer.decode(theirs),
+            "reference_text": tokenizer.decode(reference_tokens),  # the reference's greedy text up to where it parts
         })
     return results
 
@@ -236,19 +192,3 @@ def _greedy(step: Callable[[list[int], bool], np.ndarray], ids: list[int], new_t
             break
         logits.append(step([token], False))
     return tokens, logits
-
-
-def _torch_step(model) -> Callable[[list[int], bool], np.ndarray]:
-    state: dict[str, Any] = {}
-    # transformers renamed past_key_values to cache in 5.2x; accept both
-    CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    @torch.no_grad()
-    def step(tokens: list[int], first: bool) -> np.ndarray:
-        if first:
-            state.clear()
-        out = model(torch.tensor([tokens]), **{CACHE_ARG: state.get("cache")}, use_cache=True)
-        state["cache"] = out.past_key_values
-        return out.logits[0, -1].float().numpy()
-
-    return step

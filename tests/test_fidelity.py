@@ -19,7 +19,7 @@ def random_case(seed: int, windows: int = 3, length: int = 40, vocab: int = 1000
 
 def test_identical_logits():
     tokens, logits = random_case(0)
-    r = evaluate(tokens, lambda t: logits[tokens.index(t)], lambda t: logits[tokens.index(t)])
+    r = evaluate(tokens, logits, lambda t: logits[tokens.index(t)])
     assert r["tokens"] == 3 * 39
     assert r["perplexity"] == r["reference_perplexity"]
     assert r["perplexity_delta"] == 0.0
@@ -52,7 +52,7 @@ def test_noisy_candidate():
     tokens, logits = random_case(1)
     rng = np.random.default_rng(2)
     noisy = [x + rng.standard_normal(x.shape).astype(np.float32) for x in logits]
-    r = evaluate(tokens, lambda t: logits[tokens.index(t)], lambda t: noisy[tokens.index(t)])
+    r = evaluate(tokens, logits, lambda t: noisy[tokens.index(t)])
     assert r["kl_mean"] > 0.01
     assert r["perplexity"] != r["reference_perplexity"]
     assert 0.0 < r["top1_agreement"] < 1.0
@@ -75,7 +75,7 @@ def test_chunked_equals_unchunked():
 
 def test_reference_only():
     tokens, logits = random_case(4)
-    r = evaluate(tokens, lambda t: logits[tokens.index(t)], None)
+    r = evaluate(tokens, logits, None)
     assert set(r) == {"tokens", "reference_perplexity"}
     acc = FidelityAccumulator()
     for t, x in zip(tokens, logits):
