@@ -17,6 +17,7 @@ import numpy as np
 
 SHRINK = np.linspace(1.0, 0.6, 17)  # fractions of the block's range tried as the clipping range
 DAMP = 0.01  # GPTQ's dampening of H, as a fraction of its mean diagonal
+WEIGHTS_AT_ONCE = 1 << 25  # output columns are independent: quantize ~32M weights at a time (a 7B's lm_head has 545M)
 LAZY = 128  # columns rounded between two updates of the rest of the matrix (a multiple of the block sizes <= 128)
 
 
@@ -48,19 +49,28 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, 
     cost more (as in AWQ or llama.cpp's imatrix) and GPTQ compensates each rounding error.
     """
     k, n = w.shape
+    step = max(1, WEIGHTS_AT_ONCE // k)
+    parts = [_quantize_columns(w[:, i : i + step], bits, block_size, symmetric, hessian) for i in range(0, n, step)]
+    q, scale, zp = (np.concatenate(part) for part in zip(*parts))
+    zp8 = zp.astype(np.uint8)
+    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
+    return Quantized(_pack(q, bits), scale.astype(np.float32), zero_points, bits, block_size)
+
+
+def _quantize_columns(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, hessian: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Some output columns of w [K, n] -> integers [n, blocks, block], scales and zero points [n, blocks]."""
+    k, n = w.shape
     blocks = -(-k // block_size)
     padded = blocks * block_size
     rows = np.zeros((n, padded), dtype=np.float32)
     rows[:, :k] = w.T
     if hessian is None:
-        q, scale, zp = _fit(rows.reshape(n, blocks, block_size), np.ones((blocks, block_size), np.float32), bits, symmetric)
-    else:
-        h = np.eye(padded, dtype=np.float32)
-        h[:k, :k] = hessian
-        q, scale, zp = _gptq(rows, h, bits, block_size, symmetric)
-    zp8 = zp.astype(np.uint8)
-    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
-    return Quantized(_pack(q, bits), scale.astype(np.float32), zero_points, bits, block_size)
+        return _fit(rows.reshape(n, blocks, block_size), np.ones((blocks, block_size), np.float32), bits, symmetric)
+    h = np.eye(padded, dtype=np.float32)
+    h[:k, :k] = hessian
+    return _gptq(rows, h, bits, block_size, symmetric)
 
 
 def _fit(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

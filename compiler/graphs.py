@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from compiler.plan import Block, GraphPlan
 from runtime import manifest as names
@@ -17,12 +17,15 @@ Weights = Callable[[str], np.ndarray]
 
 
 class GraphBuilder:
-    """Collects nodes, initializers and graph inputs/outputs; names intermediate values uniquely."""
+    """Collects nodes, initializers and graph inputs/outputs; names intermediate values uniquely.
+
+    Initializers are written into the model in place: protobuf cannot copy a message over 2 GB, and a 7B's
+    embedding table and lm_head are 2.2 GB each in float32."""
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.proto = onnx.ModelProto()
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
         self.inputs: dict[str, onnx.ValueInfoProto] = {}
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
@@ -37,7 +40,10 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
+        tensor = self.proto.graph.initializer.add()
+        tensor.name, tensor.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
@@ -57,10 +63,13 @@ class GraphBuilder:
         return new
 
     def model(self) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, list(self.inputs.values()), self.outputs, self.initializers)
-        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="tandem")
-        model.ir_version = 10
+        model, graph = self.proto, self.proto.graph
+        graph.name = self.name
+        graph.node.extend(self.nodes)
+        graph.input.extend(self.inputs.values())
+        graph.output.extend(self.outputs)
+        model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+        model.producer_name, model.ir_version = "tandem", 10
         return model
 
 
