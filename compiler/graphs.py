@@ -79,9 +79,9 @@ def make_rmsnorm(b: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: fl
 
 def make_linear(b: GraphBuilder, w: Weights, x: str, prefixes: list[str], bias: bool = False) -> str:
     """x @ W.T (+ b); several projections of the same input are packed into one MatMul."""
-    weight = np.concatenate([w(f"{p}.weight") for p in prefixes], axis=0).T
+    weight = np.ascontiguousarray(np.concatenate([w(f"{p}.weight") for p in prefixes], axis=0).T)  # one copy alive
     name = "+".join(prefixes)
-    y = b.op("MatMul", [x, b.weight(f"{name}.weight.T", np.ascontiguousarray(weight))])
+    y = b.op("MatMul", [x, b.weight(f"{name}.weight.T", weight)])
     if bias:
         y = b.op("Add", [y, b.weight(f"{name}.bias", np.concatenate([w(f"{p}.bias") for p in prefixes]))])
     return y
