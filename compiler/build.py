@@ -80,14 +80,15 @@ def _alive(pid: int) -> bool:
 
 def _recover(out: Path) -> None:
     """Clear what builds of `out` killed midway left beside it; a previous artifact moved aside comes back."""
-    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
-        kind, _, pid = leftover.name.rpartition("-")
-        if kind not in (f".{out.name}.partial", f".{out.name}.old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind.endswith(".old") and not out.exists():
-            os.replace(leftover, out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
+    for kind in ("old", "partial"):  # an artifact moved aside first: it is complete, a partial one never is
+        for leftover in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = leftover.name.rpartition("-")[2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(leftover, out)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace(work: Path, out: Path) -> None:
