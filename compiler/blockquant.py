@@ -41,16 +41,68 @@ class Quantized:
         return w.reshape(n, -1)[:, :k].T
 
 
-def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, hessian: np.ndarray | None = None) -> Quantized:
+@dataclass
+class GPTQFactor:
+    """What GPTQ needs of a MatMul input's Hessian H = mean x^T x [K, K]; shared by every weight that reads the input.
+
+    u: the upper Cholesky factor of the dampened H^-1 (H^-1 = u^T u); importance: H's diagonal before damping
+    (each input channel's activation energy); dead: channels that were zero on every calibration token.
+    """
+
+    u: np.ndarray
+    importance: np.ndarray
+    dead: np.ndarray
+
+
+def gptq_factor(hessian: np.ndarray) -> GPTQFactor:
+    """The factor, computed in the Hessian's own memory (which it overwrites): a 7B's down projection has
+    K = 18944, so each K x K float32 copy would cost 1.4 GB.
+
+    With J the reversal permutation, LAPACK's upper Cholesky J H J = V^T V gives H = (J V J)^T (J V J), so
+    H^-1 = u^T u with u = J V^-T J upper triangular: one factorisation and one triangular inverse (2/3 K^3),
+    where inverting H and factorising the inverse would take 2 K^3.
+    """
+    from scipy.linalg import lapack
+
+    h = hessian if hessian.dtype == np.float32 and hessian.flags.c_contiguous else np.ascontiguousarray(hessian, np.float32)
+    k = len(h)
+    diagonal = np.einsum("ii->i", h)  # a writable view
+    importance = diagonal.copy()
+    dead = importance == 0
+    diagonal[dead] = 1.0
+    diagonal += DAMP * diagonal.mean()
+    _reverse(h)
+    # h.T is the same symmetric matrix in Fortran order, so LAPACK works in place on h's memory
+    factor, info = lapack.spotrf(h.T, lower=0, overwrite_a=1, clean=1)
+    if info == 0:
+        factor, info = lapack.strtri(factor, lower=0, overwrite_c=1)
+    if info != 0 or not np.shares_memory(factor, h):
+        raise ValueError(f"GPTQ: the {k} x {k} calibration Hessian could not be factorised in place (LAPACK info {info})")
+    _reverse(h)  # h (C order) now holds J V^-T J = u
+    return GPTQFactor(h, importance, dead)
+
+
+def _reverse(m: np.ndarray) -> None:
+    """m <- J m J in place, two rows at a time (m[::-1, ::-1] would make a whole temporary copy)."""
+    k = len(m)
+    for i in range(k // 2):
+        top = m[i, ::-1].copy()
+        m[i] = m[k - 1 - i, ::-1]
+        m[k - 1 - i] = top
+    if k % 2:
+        m[k // 2] = m[k // 2, ::-1].copy()
+
+
+def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, gptq: GPTQFactor | None = None) -> Quantized:
     """w: [K, N] (x @ w). Blocks run along K for each output column, as MatMulNBits expects.
 
-    hessian [K, K]: mean of x^T x over calibration tokens. Without it every input channel counts the same
-    and each block is rounded on its own; with it, errors on channels that carry more activation energy
-    cost more (as in AWQ or llama.cpp's imatrix) and GPTQ compensates each rounding error.
+    gptq: the factor of the input's calibration Hessian. Without it every input channel counts the same and
+    each block is rounded on its own; with it, errors on channels that carry more activation energy cost more
+    (as in AWQ or llama.cpp's imatrix) and GPTQ compensates each rounding error.
     """
     k, n = w.shape
     step = max(1, WEIGHTS_AT_ONCE // k)
-    parts = [_quantize_columns(w[:, i : i + step], bits, block_size, symmetric, hessian) for i in range(0, n, step)]
+    parts = [_quantize_columns(w[:, i : i + step], bits, block_size, symmetric, gptq) for i in range(0, n, step)]
     q, scale, zp = (np.concatenate(part) for part in zip(*parts))
     zp8 = zp.astype(np.uint8)
     zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
@@ -58,19 +110,16 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, 
 
 
 def _quantize_columns(
-    w: np.ndarray, bits: int, block_size: int, symmetric: bool, hessian: np.ndarray | None
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, gptq: GPTQFactor | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Some output columns of w [K, n] -> integers [n, blocks, block], scales and zero points [n, blocks]."""
+    if gptq is not None:
+        return _gptq(w, gptq, bits, block_size, symmetric)
     k, n = w.shape
     blocks = -(-k // block_size)
-    padded = blocks * block_size
-    rows = np.zeros((n, padded), dtype=np.float32)
+    rows = np.zeros((n, blocks * block_size), dtype=np.float32)
     rows[:, :k] = w.T
-    if hessian is None:
-        return _fit(rows.reshape(n, blocks, block_size), np.ones((blocks, block_size), np.float32), bits, symmetric)
-    h = np.eye(padded, dtype=np.float32)
-    h[:k, :k] = hessian
-    return _gptq(rows, h, bits, block_size, symmetric)
+    return _fit(rows.reshape(n, blocks, block_size), np.ones((blocks, block_size), np.float32), bits, symmetric)
 
 
 def _fit(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,29 +153,21 @@ def _fit(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple
     return best_q, np.where(best_scale == 0, 1e-8, best_scale), best_zp
 
 
-def _gptq(rows: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """rows [n, K] (K a multiple of block_size), hessian [K, K] -> integers [n, blocks, block], scales, zero points.
+def _gptq(w: np.ndarray, gptq: GPTQFactor, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [K, n] -> integers [n, blocks, block] (the last block padded with zeros), scales, zero points [n, blocks].
 
     Each block's scale and zero point come from _fit on the block as GPTQ has updated it so far; then its
-    columns are rounded in turn, each error divided by the inverse Hessian's diagonal and subtracted from the
-    remaining columns through the Cholesky factor of H^-1 (the lazy-batch form of the paper). The loop runs
-    over K with W held as [K, n], so every step touches contiguous rows.
+    columns are rounded in turn, each error divided by u's diagonal and subtracted from the remaining columns
+    through u (the lazy-batch form of the paper). The loop runs over K with W held as [K, n], so every step
+    touches contiguous rows.
     """
-    import torch  # its Cholesky routines run these K x K factorisations several times faster than numpy's
-
-    n, k = rows.shape
+    k, n = w.shape
     levels = 2**bits - 1
-    w = np.ascontiguousarray(rows.T)
-    h = hessian.astype(np.float32)
-    importance = np.diagonal(h).copy()
-    dead = np.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[dead] = 0.0
-    h[np.diag_indices(k)] += DAMP * np.diagonal(h).mean()
-    ht = torch.from_numpy(h)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ht)), upper=True).numpy()  # H^-1 = u^T u
-    q = np.zeros((k, n), dtype=np.uint8)
-    blocks = k // block_size
+    u = gptq.u
+    w = np.array(w, dtype=np.float32)  # a copy: updated as rounding errors are pushed on
+    w[gptq.dead] = 0.0
+    blocks = -(-k // block_size)
+    q = np.zeros((blocks * block_size, n), dtype=np.uint8)
     scales, zps = np.zeros((blocks, n), np.float32), np.zeros((blocks, n), np.float32)
     lazy = max(LAZY, block_size)
     for start in range(0, k, lazy):
@@ -137,7 +178,7 @@ def _gptq(rows: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, sym
             row = start + i
             if row % block_size == 0:
                 b = row // block_size
-                _, scale, zp = _fit(chunk[i : i + block_size].T[:, None, :], importance[None, row : row + block_size], bits, symmetric)
+                _, scale, zp = _fit(chunk[i : i + block_size].T[:, None, :], gptq.importance[None, row : row + block_size], bits, symmetric)
                 scales[b], zps[b] = scale[:, 0], zp[:, 0]
             qi = np.clip(np.round(chunk[i] / scales[b] + zps[b]), 0, levels)
             q[row] = qi

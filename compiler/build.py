@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,10 @@ from pydantic import ValidationError
 from compiler.calibrate import feeds, first_samples, propagate
 from compiler.graphs import build_graph, rope_tables
 from compiler.plan import plan
+from compiler.precision import to_float16
 from compiler.progress import progress
 from compiler.quantize import graph_quantization, quantize
-from compiler.recipe import Recipe, load_recipe
+from compiler.recipe import Quantization, Recipe, load_recipe
 from compiler.source import ModelSource, open_source
 from runtime import manifest as names
 from runtime.errors import TandemError
@@ -34,14 +37,17 @@ from runtime.tokenizer import Tokenizer
 
 def compile_recipe(
     recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True,
-    max_context: int | None = None,
+    max_context: int | None = None, jobs: int = 1,
 ) -> Path:
     """Compile a recipe into an artifact directory; nothing appears at `out` unless every step, verify included, passed.
 
     max_context overrides the recipe's (the KV cache capacity), e.g. for a long-context build of the same recipe.
+    jobs: graphs quantized at once, each in its own process (memory grows with it: one graph's worth each).
     """
     from compiler.verify import verify_artifact
 
+    if jobs < 1:
+        raise TandemError(f"--jobs {jobs}: at least 1")
     recipe = load_recipe(recipe_path)
     if max_context is not None:
         try:
@@ -56,7 +62,7 @@ def compile_recipe(
     work.mkdir(parents=True)
     (work / names.UNFINISHED).write_text(f"{os.getpid()}\n")
     try:
-        write_artifact(work, recipe, source, show_progress)
+        write_artifact(work, recipe, source, show_progress, jobs)
         report = verify_artifact(work, source, show_progress=show_progress)
         (work / names.VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if report["failures"]:
@@ -117,7 +123,36 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
     }
 
 
-def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progress: bool = True) -> Manifest:
+def finish_graph(
+    file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Quantize a saved fp32 graph and carry it to the artifact's dtype, in place; returns its inputs and outputs."""
+    model = quantize(onnx.load(file), quantization, calibration)
+    if dtype == "float16":
+        model = to_float16(model)
+    _save(model, file)
+    return tensor_specs(model.graph.input), tensor_specs(model.graph.output)
+
+
+def _executor(jobs: int) -> Executor:
+    """Worker processes for graphs' quantization (each holds one graph); jobs 1 runs it in this process, in order."""
+    if jobs > 1:
+        return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    return _Inline()
+
+
+class _Inline(Executor):
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return _done(fn(*args, **kwargs))
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progress: bool = True, jobs: int = 1) -> Manifest:
     cfg = source.config
     if recipe.max_context > cfg.max_position_embeddings:
         raise TandemError(f"max_context {recipe.max_context} exceeds the model's {cfg.max_position_embeddings} positions")
@@ -128,29 +163,29 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     samples = first_samples(Tokenizer.from_dir(root), recipe.calibration) if quantization.needs_calibration() else None
     graphs_dir = root / "graphs"
     graphs_dir.mkdir()
-    specs = []
-    for graph in progress(plan(recipe, cfg.num_layers), show_progress, "building graphs"):
-        model = build_graph(graph, source.tensor, cfg)
-        file = graphs_dir / f"{graph.name}.onnx"
-        inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
-        _save(model, file)
-        calibration = [feeds(inputs, x, rope) for x in samples] if samples else None
-        if samples and names.HIDDEN_NEXT in outputs:
-            samples = propagate(file, inputs, samples, rope)
-        described = graph_quantization(model, quantization)
-        if any(d != "fp32" for d in described.values()):
-            model = quantize(onnx.load(file), quantization, calibration)  # saving moved the weights out of `model`
+    pending = []
+    with _executor(jobs) as pool:
+        for graph in progress(plan(recipe, cfg.num_layers), show_progress, "building graphs"):
+            model = build_graph(graph, source.tensor, cfg)
+            file = graphs_dir / f"{graph.name}.onnx"
+            inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
+            described = graph_quantization(model, quantization)
             _save(model, file)
-        specs.append(GraphSpec(
-            name=graph.name,
-            file=file.relative_to(root).as_posix(),
-            role=graph.role,
-            blocks=[b.name for b in graph.blocks],
-            quantization=described,
-            inputs=inputs,
-            outputs=outputs,
-        ))
-        del model
+            del model
+            calibration = [feeds(inputs, x, rope) for x in samples] if samples else None
+            if samples and names.HIDDEN_NEXT in outputs:
+                samples = propagate(file, inputs, samples, rope)
+            if any(d != "fp32" for d in described.values()) or recipe.dtype != "float32":
+                # later graphs calibrate on this one's fp32 outputs, so its quantization can run beside them
+                done = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype)
+            else:
+                done = _done((inputs, outputs))
+            pending.append((graph, file, described, done))
+        specs = [
+            GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role, blocks=[b.name for b in graph.blocks],
+                      quantization=described, inputs=done.result()[0], outputs=done.result()[1])
+            for graph, file, described, done in progress(pending, show_progress, "quantizing graphs")
+        ]
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != names.UNFINISHED)
@@ -161,7 +196,8 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
         recipe=recipe.model_dump(mode="json"),
         source=source.spec,
         model=cfg,
-        kv_cache=KVCacheSpec(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, capacity=recipe.max_context),
+        kv_cache=KVCacheSpec(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, capacity=recipe.max_context,
+                             dtype=recipe.dtype),
         prefill_chunk=recipe.prefill_chunk,
         roles={role: recipe.roles[role] for role in sorted({g.role for g in specs})},
         graphs=specs,

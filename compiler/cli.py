@@ -23,7 +23,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     _require_compiler()
     from compiler.build import compile_recipe
 
-    out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet, max_context=args.max_context)
+    out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet, max_context=args.max_context,
+                         jobs=args.jobs)
     report = json.loads((out / "verify.json").read_text())
     _print_report(report)
     print(f"wrote {out}")
@@ -105,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="checkpoint dir, hub id in the local cache, .gguf file, or 'default'")
     c.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<recipe name>)")
     c.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the recipe's)")
+    c.add_argument("--jobs", type=int, default=1, help="graphs quantized at once, one process each (memory: one graph each)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compile)
     v = sub.add_parser("verify", help="re-run verification of an artifact against its source model")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compiler.blockquant import quantize_weight
+from compiler.blockquant import GPTQFactor, gptq_factor, quantize_weight
 from compiler.calibrate import statistics
 from compiler.recipe import Quantization, QuantSpec
 from compiler.smoothing import smooth
@@ -32,7 +32,8 @@ def node_kind(node: onnx.NodeProto) -> str | None:
 
 def describe(spec: QuantSpec) -> str:
     if spec.scheme in ("int4", "int8"):
-        return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}"
+        rtn = "" if spec.gptq else " rtn"  # GPTQ is the default; embeddings are always rounded (RTN)
+        return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}{rtn}"
     if spec.scheme == "int8-qdq":
         return f"int8-qdq {spec.activations} activations, {spec.calibration}, smoothing {spec.smoothing}"
     return spec.scheme
@@ -55,14 +56,16 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
             spec = getattr(quantization, kind)
             if spec.scheme != "fp32":
                 by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
-    weight_only = {n for (scheme, _), nodes in by_scheme.items() if scheme in ("int4", "int8") for n in nodes}
-    matmul_inputs = {n.input[0] for n in model.graph.node if n.name in weight_only and n.op_type == "MatMul"}
+    gptq = {n for (scheme, spec), nodes in by_scheme.items() if scheme in ("int4", "int8") and spec.gptq for n in nodes}
+    matmul_inputs = {n.input[0] for n in model.graph.node if n.name in gptq and n.op_type == "MatMul"}
     # one calibration pass for every weight-only kind; one K x K matrix per distinct input is held while
-    # quantizing: a fused graph of many layers holds that many (2.3 GB for the 24 layers of the 0.5B model)
+    # quantizing (a Hessian, then its GPTQ factor in the same memory): a fused graph of many layers holds that
+    # many (2.3 GB for the 24 layers of the 0.5B model)
     hessians = statistics(model, matmul_inputs, calibration, "gram") if calibration and matmul_inputs else {}
+    factors = {name: gptq_factor(hessians.pop(name)) for name in list(hessians)}
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):
-            model = _weight_only(model, spec, nodes, hessians)
+            model = _weight_only(model, spec, nodes, factors)
     for (scheme, spec), nodes in by_scheme.items():
         if scheme == "int8-qdq":
             model = _static_qdq(model, spec, nodes, calibration or [])
@@ -72,8 +75,8 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
     return model
 
 
-def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], hessians: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search, and GPTQ where `hessians` has the input);
+def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], factors: dict[str, GPTQFactor]) -> onnx.ModelProto:
+    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search, and GPTQ where `factors` has the input);
     the embedding Gather -> GatherBlockQuantized via ORT's MatMulNBitsQuantizer (RTN)."""
     matmuls = [n for n in model.graph.node if n.name in set(nodes) and n.op_type == "MatMul"]
     initializers = {i.name: i for i in model.graph.initializer}
@@ -82,7 +85,7 @@ def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], hess
         w = numpy_helper.to_array(weight)
         model.graph.initializer.remove(weight)  # before quantizing: a 7B's lm_head is 2.2 GB in each form
         del weight
-        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, hessians.get(node.input[0]))
+        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, factors.get(node.input[0]))
         base = node.input[1]
         extra = [numpy_helper.from_array(q.packed, f"{base}.q"), numpy_helper.from_array(q.scales, f"{base}.scales")]
         if q.zero_points is not None:

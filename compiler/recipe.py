@@ -38,6 +38,7 @@ class QuantSpec(Strict):
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     smoothing: float = Field(default=0.5, ge=0, le=1)  # int8-qdq: SmoothQuant's migration strength (0 = none)
     activations: Literal["uint8", "uint16"] = "uint8"  # int8-qdq: static activation type (uint16: A16W8, as QNN's HTP runs)
+    gptq: bool = True  # int4 / int8: GPTQ on calibration statistics; false: the clipping search alone (no calibration run)
 
 
 class Quantization(Strict):
@@ -54,7 +55,10 @@ class Quantization(Strict):
 
     def needs_calibration(self) -> bool:
         """int8-qdq calibrates activation ranges (and SmoothQuant scales); int4/int8 weight-only run GPTQ on input statistics."""
-        return any(spec.scheme in ("int8-qdq", "int4", "int8") for _, spec in self)
+        return any(
+            spec.scheme == "int8-qdq" or (spec.scheme in ("int4", "int8") and spec.gptq and kind != "embedding")  # a Gather: RTN
+            for kind, spec in self
+        )
 
 
 class CalibrationSpec(Strict):
@@ -94,6 +98,8 @@ class Recipe(Strict):
     max_context: int = Field(default=4096, gt=0)
     prefill_chunk: int = Field(default=256, gt=0)
     fuse: bool = False
+    # activations, KV cache and unquantized weights: float16 for GPU EPs (CUDA runs GroupQueryAttention in half only)
+    dtype: Literal["float32", "float16"] = "float32"
     roles: dict[Role, RoleSpec]
     placement: Placement
     verify: VerifySpec

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from runtime import manifest as names
 from runtime.errors import TandemError
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import CacheView, KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
 from runtime.providers import Placement, create_session
 
@@ -18,42 +18,59 @@ log = logging.getLogger("tandem")
 
 
 class GraphRunner:
-    """A graph's session; binds its inputs by name from the step's values and carries its outputs on."""
+    """A graph's session; binds its inputs by name from the step's values and carries its outputs on.
+
+    Outputs stay on the device of the graph's EP, where the next graph (usually on the same EP) reads them;
+    logits always come back to the host, for sampling."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
         self.session = session
         self.placement = placement
         self._outputs = [(name, names.past_of(name)) for name in spec.outputs]
+        self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
 
-    def run(self, values: dict[str, ort.OrtValue]) -> None:
+    def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         binding = self.session.io_binding()
         for name in self.spec.inputs:
-            binding.bind_ortvalue_input(name, values[name])
-        for name, cache_input in self._outputs:
-            if cache_input:  # present_* aliases the cache memory bound as past_*: written in place
-                binding.bind_ortvalue_output(name, values[cache_input])
+            value = values[name]
+            if isinstance(value, CacheView):
+                binding.bind_input(name, value.device, 0, value.dtype, value.shape, value.address)
             else:
-                binding.bind_output(name, "cpu")
+                binding.bind_ortvalue_input(name, value)
+        for name, cache_input in self._outputs:
+            if cache_input:  # present_* is the memory bound as past_*: written in place
+                view = values[cache_input]
+                binding.bind_output(name, view.device, 0, view.dtype, view.shape, view.address)
+            else:
+                binding.bind_output(name, self._device)
         self.session.run_with_iobinding(binding)
         for (name, cache_input), value in zip(self._outputs, binding.get_outputs()):
             if not cache_input:
                 values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
 
 
-def _tensor(array: np.ndarray) -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy(array)
+def _tensor(array: np.ndarray, device: str = "cpu") -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+
+
+def rope_values(directory: Path, spec: GraphSpec | None, device: str = "cpu") -> dict[str, ort.OrtValue]:
+    """The RoPE tables in the attention graphs' dtype (from `spec`, any graph that reads them), on their device."""
+    tables = np.load(directory / names.ROPE_FILE)
+    dtype = np.dtype(spec.inputs[names.COS_CACHE].dtype) if spec else tables.dtype
+    cos, sin = (np.ascontiguousarray(t, dtype=dtype) for t in tables)
+    return {names.COS_CACHE: _tensor(cos, device), names.SIN_CACHE: _tensor(sin, device)}
 
 
 def step_values(
     cache: KVCache, start: int, stop: int, count: int, rope: dict[str, ort.OrtValue], logits_index: np.ndarray
-) -> dict[str, ort.OrtValue]:
+) -> dict[str, ort.OrtValue | CacheView]:
     """The inputs every graph of a step may read, for `count` new tokens in each slot of the batch [start, stop)
     and logits at logits_index [rows, k] (positions within the new tokens)."""
     total = cache.lengths[start:stop] + count
     return {
-        names.SEQLENS_K: _tensor((total - 1).astype(np.int32)),
-        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total.max(), dtype=np.int32)),
+        names.SEQLENS_K: _tensor((total - 1).astype(np.int32), cache.device),
+        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total.max(), dtype=np.int32)),  # read on the host by every EP
         names.LOGITS_INDEX: _tensor(np.ascontiguousarray(logits_index, dtype=np.int64)),
         **rope,
         **cache.bindings(start, stop),
@@ -73,9 +90,11 @@ class Engine:
                 spec.name, self.directory / spec.file, spec.role, self.manifest.roles[spec.role], threads
             )
             self.graphs.append(GraphRunner(spec, session, placement))
-        cos, sin = np.load(self.directory / names.ROPE_FILE)
-        self.rope = {names.COS_CACHE: _tensor(cos), names.SIN_CACHE: _tensor(sin)}
-        self.cache = KVCache(self.manifest.kv_cache, slots)
+        # the cache and the RoPE tables live where the (first) attention graph runs
+        attention = next((g for g in self.graphs if names.COS_CACHE in g.spec.inputs), None)
+        device = attention.placement.device if attention else "cpu"
+        self.rope = rope_values(self.directory, attention.spec if attention else None, device)
+        self.cache = KVCache(self.manifest.kv_cache, slots, device)
 
     @property
     def placements(self) -> list[Placement]:

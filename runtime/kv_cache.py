@@ -1,6 +1,8 @@
 """The shared KV cache: preallocated once, owned by the runtime, written in place by the attention graphs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnxruntime as ort
 
@@ -8,20 +10,34 @@ from runtime.errors import TandemError
 from runtime.manifest import KVCacheSpec, past_name
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """A batch's part of one layer's K or V buffer, bound to a graph by address: past_* input and present_* output
+    alike, so the graph appends new positions in place and nothing is copied."""
+
+    device: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    address: int
+
+
 class KVCache:
-    """K and V for every layer and slot ([layers, slots, kv_heads, capacity, head_dim]).
+    """K and V for every layer and slot, one [slots, kv_heads, capacity, head_dim] buffer each, on the device where
+    the attention graphs run (host memory for the CPU EP, GPU memory for CUDA). A run of slots [start, stop) is a
+    batch: a contiguous part of every buffer."""
 
-    A run of slots [start, stop) is a batch: its per-layer views are wrapped once as OrtValues over the same memory,
-    so binding the cache into a graph as past_* input and present_* output copies nothing.
-    """
-
-    def __init__(self, spec: KVCacheSpec, slots: int = 1) -> None:
-        shape = (spec.layers, slots, spec.kv_heads, spec.capacity, spec.head_dim)
+    def __init__(self, spec: KVCacheSpec, slots: int = 1, device: str = "cpu") -> None:
         self.spec = spec
-        self.keys = np.zeros(shape, dtype=np.float32)
-        self.values = np.zeros(shape, dtype=np.float32)
+        self.device = device
+        self.dtype = np.dtype(spec.dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
-        self._bindings: dict[tuple[int, int], dict[str, ort.OrtValue]] = {}
+        shape = (slots, spec.kv_heads, spec.capacity, spec.head_dim)
+        # zeros: on the CPU the OrtValue keeps the array as its memory; elsewhere it is copied over once
+        self._buffers = {
+            past_name(kind, layer): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), device, 0)
+            for layer in range(spec.layers)
+            for kind in ("key", "value")
+        }
 
     @property
     def slots(self) -> int:
@@ -31,15 +47,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.spec.capacity
 
-    def bindings(self, start: int, stop: int) -> dict[str, ort.OrtValue]:
-        """The past_* OrtValues of slots [start, stop) as one batch (graphs write present_* into the same memory)."""
-        if (start, stop) not in self._bindings:
-            self._bindings[start, stop] = {
-                past_name(kind, layer): ort.OrtValue.ortvalue_from_numpy(store[layer, start:stop])
-                for layer in range(self.spec.layers)
-                for kind, store in (("key", self.keys), ("value", self.values))
-            }
-        return self._bindings[start, stop]
+    def bindings(self, start: int, stop: int) -> dict[str, CacheView]:
+        """The past_* views of slots [start, stop) as one batch (graphs write present_* into the same memory)."""
+        slot_bytes = self.spec.kv_heads * self.capacity * self.spec.head_dim * self.dtype.itemsize
+        shape = (stop - start, self.spec.kv_heads, self.capacity, self.spec.head_dim)
+        return {
+            name: CacheView(self.device, self.dtype, shape, buffer.data_ptr() + start * slot_bytes)
+            for name, buffer in self._buffers.items()
+        }
 
     def usage(self) -> float:
         """Fraction of the cache's token positions in use."""

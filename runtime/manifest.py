@@ -136,7 +136,7 @@ class KVCacheSpec(Strict):
     kv_heads: int
     head_dim: int
     capacity: int
-    dtype: Literal["float32"] = "float32"
+    dtype: Literal["float32", "float16"] = "float32"
 
 
 class SourceSpec(Strict):

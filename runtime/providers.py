@@ -29,6 +29,14 @@ class Placement:
     def fell_back(self) -> bool:
         return self.provider != self.requested[0]
 
+    @property
+    def device(self) -> str:
+        """Where the graph's outputs are kept (ORT's device name): GPU memory for the CUDA-based EPs, else the host."""
+        return DEVICES.get(self.provider, "cpu")
+
+
+DEVICES = {"CUDA": "cuda", "TensorRT": "cuda"}
+
 
 @cache
 def _exact_integer_matmul() -> bool:

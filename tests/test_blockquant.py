@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.blockquant import quantize_weight
+from compiler.blockquant import DAMP, gptq_factor, quantize_weight
 
 K, N = 200, 48  # K not a multiple of the block: the last block is padded
 
@@ -60,7 +60,7 @@ def test_calibrated_quantization_beats_rtn_on_output_error():
     a = (rng.standard_normal((512, K)).astype(np.float32) * scale) @ mix  # correlated channels, as real activations
     hessian = a.T @ a / len(a)
     out_err = lambda deq: float(((a @ deq - a @ w) ** 2).mean())  # noqa: E731
-    ours = out_err(quantize_weight(w, 4, 32, False, hessian).dequantize(K))
+    ours = out_err(quantize_weight(w, 4, 32, False, gptq_factor(hessian.copy())).dequantize(K))
     unweighted = out_err(quantize_weight(w, 4, 32, False).dequantize(K))
     plain = out_err(rtn(w, 32))
     assert ours < unweighted < plain
@@ -76,11 +76,27 @@ def test_columns_quantized_in_parts_give_the_same_result(with_hessian, monkeypat
     rng = np.random.default_rng(3)
     w = rng.standard_normal((K, N)).astype(np.float32)
     x = rng.standard_normal((500, K)).astype(np.float32)
-    hessian = x.T @ x / len(x) if with_hessian else None
-    whole = quantize_weight(w, 4, 32, False, hessian)
+    factor = gptq_factor(x.T @ x / len(x)) if with_hessian else None
+    whole = quantize_weight(w, 4, 32, False, factor)
     monkeypatch.setattr(bq, "WEIGHTS_AT_ONCE", K * 10)  # parts of 10, 10, 10, 10 and 8 columns
-    parts = quantize_weight(w, 4, 32, False, hessian)
+    parts = quantize_weight(w, 4, 32, False, factor)
     if not with_hessian:
         for a, b in [(whole.packed, parts.packed), (whole.scales, parts.scales), (whole.zero_points, parts.zero_points)]:
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(parts.dequantize(K), whole.dequantize(K), atol=1e-5)
+
+
+def test_gptq_factor_is_the_cholesky_factor_of_the_inverse_computed_in_place():
+    """u with H^-1 = u^T u (u upper), for the dampened H, in the Hessian's own memory; odd K and a dead channel."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 101)).astype(np.float32)
+    x[:, 7] = 0.0
+    hessian = x.T @ x / len(x)
+    damped = hessian.astype(np.float64)
+    damped[7, 7] = 1.0
+    damped[np.diag_indices(101)] += DAMP * np.diagonal(damped).mean()
+    factor = gptq_factor(hessian)
+    assert np.shares_memory(factor.u, hessian)
+    np.testing.assert_array_equal(np.tril(factor.u, -1), 0)
+    np.testing.assert_allclose(factor.u.T.astype(np.float64) @ factor.u, np.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+    assert factor.dead.tolist() == [i == 7 for i in range(101)]
