@@ -163,9 +163,12 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     samples = first_samples(Tokenizer.from_dir(root), recipe.calibration) if quantization.needs_calibration() else None
     graphs_dir = root / "graphs"
     graphs_dir.mkdir()
+    graphs = plan(recipe, cfg.num_layers)
+    # without calibration the graphs are independent: the vocabulary-sized ones start first, not to finish last
+    order = graphs if samples else sorted(graphs, key=lambda g: g.blocks[0].kind not in ("embed", "head"))
     pending = []
     with _executor(jobs) as pool:
-        for graph in progress(plan(recipe, cfg.num_layers), show_progress, "building graphs"):
+        for graph in progress(order, show_progress, "building graphs"):
             model = build_graph(graph, source.tensor, cfg)
             file = graphs_dir / f"{graph.name}.onnx"
             inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
@@ -184,7 +187,7 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
         specs = [
             GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role, blocks=[b.name for b in graph.blocks],
                       quantization=described, inputs=done.result()[0], outputs=done.result()[1])
-            for graph, file, described, done in progress(pending, show_progress, "quantizing graphs")
+            for graph, file, described, done in progress(sorted(pending, key=lambda p: graphs.index(p[0])), show_progress, "quantizing graphs")
         ]
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")

@@ -7,9 +7,11 @@ into safetensors shards, so memory stays at one block whatever the model's size.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +100,9 @@ def from_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _write_shard(path: Path, tensors: list[tuple[int, str, tuple[int, ...]]], seed: int, std: float) -> int:
-    """One safetensors file: the header (offsets known from the shapes), then each tensor block by block."""
+def _write_shard(path: Path, tensors: list[tuple[int, str, tuple[int, ...]]], seed: int, std: float, pool: Executor) -> int:
+    """One safetensors file: the header (offsets known from the shapes), then every tensor at its offset, each
+    drawn and written block by block by one of the pool's threads (numpy draws without holding the GIL)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for _, name, shape in tensors:
@@ -108,18 +111,31 @@ def _write_shard(path: Path, tensors: list[tuple[int, str, tuple[int, ...]]], se
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for index, name, shape in tensors:
-            f.writelines(to_bf16(block).tobytes() for block in random_blocks(name, shape, index, seed, std))
+    raw = struct.pack("<Q", len(raw)) + raw
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, raw, 0)
+
+        def write(index: int, name: str, shape: tuple[int, ...]) -> None:
+            at = len(raw) + header[name]["data_offsets"][0]
+            for block in random_blocks(name, shape, index, seed, std):
+                data = to_bf16(block).tobytes()
+                os.pwrite(fd, data, at)
+                at += len(data)
+
+        for done in [pool.submit(write, *tensor) for tensor in tensors]:
+            done.result()
+    finally:
+        os.close(fd)
     return offset
 
 
 def make_checkpoint(
-    config: dict, generation: dict, out: Path, tokenizer: Path, seed: int = 0, shard_bytes: int = 4 << 30
+    config: dict, generation: dict, out: Path, tokenizer: Path, seed: int = 0, shard_bytes: int = 4 << 30, jobs: int = 4
 ) -> Path:
     """Write config.json, generation_config.json, bf16 safetensors shards + their index, and the tokenizer files
-    of `tokenizer` (a checkpoint or artifact directory). Written beside `out` and renamed into place when done."""
+    of `tokenizer` (a checkpoint or artifact directory). Written beside `out` and renamed into place when done.
+    jobs: tensors drawn at once (each thread holds one 64 MB block); the values do not depend on it."""
     files = [tokenizer / name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
     if not (tokenizer / "tokenizer.json").is_file():
         raise TandemError(f"{tokenizer}: no tokenizer.json")
@@ -137,10 +153,11 @@ def make_checkpoint(
         size += nbytes
     weight_map, total = {}, 0
     std = config.get("initializer_range", 0.02)
-    for i, tensors in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_shard(work / file, tensors, seed, std)
-        weight_map.update({name: file for _, name, _ in tensors})
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for i, tensors in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            total += _write_shard(work / file, tensors, seed, std, pool)
+            weight_map.update({name: file for _, name, _ in tensors})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (work / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=2) + "\n")

@@ -75,7 +75,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 
             tokenizer = Path(tmp)
             open_source("default").save_tokenizer(tokenizer)
-        out = make_checkpoint(config, generation, args.output, tokenizer, args.seed, int(args.shard_gb * (1 << 30)))
+        out = make_checkpoint(config, generation, args.output, tokenizer, args.seed, int(args.shard_gb * (1 << 30)), args.jobs)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e9:.2f} GB, {config['num_hidden_layers']} layers, seed {args.seed})")
 
@@ -120,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--tokenizer", type=Path, default=None, help="directory with tokenizer.json (default: the default model's)")
     m.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size")
+    m.add_argument("--jobs", type=int, default=4, help="tensors drawn at once, one thread each (values do not depend on it)")
     m.set_defaults(func=cmd_make_checkpoint)
     c = sub.add_parser("compare", help="artifacts of the same weights vs the fp32 reference on held-out text")
     c.add_argument("artifacts", type=Path, nargs="+")

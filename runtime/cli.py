@@ -50,6 +50,16 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     p.set_defaults(func=cmd_bench_serve)
 
+    p = sub.add_parser("bench", help="TTFT, prefill and decode speed, memory; peers side by side on the same prompts")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--prompt-lengths", default="32,1024", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed after each prompt")
+    p.add_argument("--repeats", type=int, default=3, help="runs per prompt length (the median is reported)")
+    p.add_argument("--peer", action="append", default=[], help="genai:DIR or transformers:CHECKPOINT[:DTYPE] (repeatable)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON (and Markdown beside it)")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("stress", help="load, soak and cut streams against the server; what it must not lose")
     p.add_argument("artifact", type=Path)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients in the load run")
@@ -171,6 +181,22 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     except ValueError:
         raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
     print(markdown(bench_serve(args.artifact, args.clients, args.max_tokens, args.threads, args.out, lengths)))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from runtime.bench import bench, markdown
+
+    try:
+        lengths = [int(n) for n in args.prompt_lengths.split(",") if n.strip()]
+    except ValueError:
+        raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
+    report = bench(args.artifact, args.peer, lengths, args.new_tokens, args.repeats, args.threads)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    if not report["results"]:
+        raise TandemError("nothing was measured: " + "; ".join(s["reason"] for s in report["skipped"]))
 
 
 def cmd_stress(args: argparse.Namespace) -> None:

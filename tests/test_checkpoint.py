@@ -45,7 +45,7 @@ def test_checkpoint_loads_in_transformers_and_compiles(checkpoint, tmp_path):
     config.write_text(json.dumps(SMALL))
     out = tmp_path / "ckpt"
     tandem("make-checkpoint", "--config", str(config), "--random-weights", "-o", str(out), "--tokenizer", str(checkpoint),
-           "--seed", "7", "--shard-gb", "0.0001")
+           "--seed", "7", "--shard-gb", "0.0001", "--jobs", "3")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and len(index["weight_map"]) == 1 + 2 * 12 + 2
     model = Qwen2ForCausalLM.from_pretrained(out, local_files_only=True)

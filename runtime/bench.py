@@ -1,0 +1,182 @@
+"""`tandem bench`: TTFT, prefill and decode speed and memory of an artifact, and of peers on the same weights.
+
+Every system runs in its own process (so memory is its own), one after another, on the same prompt token ids:
+greedy, batch 1, the median of `repeats` runs per prompt length. TTFT is prompt in -> first token chosen; decode
+tokens/s is over the `new_tokens` after it, so "decode at 1K" is the row whose prompt had 1024 tokens.
+Peers are optional: `genai:DIR` (an ONNX Runtime GenAI model folder, e.g. its builder's output) and
+`transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU); a missing package skips it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import TandemError
+
+CONTEXT = 4096  # the KV cache a peer with a preallocated one is given (tandem's is the artifact's capacity)
+TEXT = "The quick brown fox jumps over the lazy dog while the compiler schedules attention and feed-forward blocks. "
+
+# a system: prefill(ids) -> first token; step(token) -> next token; reset()
+Runner = tuple[Callable[[list[int]], int], Callable[[int], int], Callable[[], None]]
+
+
+def prompt_ids(tokenizer_dir: Path, length: int) -> list[int]:
+    from runtime.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(tokenizer_dir).encode(TEXT)
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def _ours(directory: str, threads: int) -> tuple[Runner, str]:
+    from runtime.engine import Engine
+
+    engine = Engine(directory, slots=1, threads=threads)
+    providers = sorted({p.provider for p in engine.placements})
+    return (
+        lambda ids: int(np.argmax(engine.forward(0, ids))),
+        lambda token: int(np.argmax(engine.forward(0, [token]))),
+        lambda: engine.reset(0),
+    ), "+".join(providers)
+
+
+def _genai(directory: str, threads: int) -> tuple[Runner, str]:
+    import onnxruntime_genai as og
+
+    model = og.Model(directory)
+    state: dict = {}
+
+    def next_token() -> int:
+        state["gen"].generate_next_token()
+        return int(state["gen"].get_next_tokens()[0])
+
+    def prefill(ids: list[int]) -> int:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=CONTEXT, do_sample=False)  # its KV cache: CONTEXT positions, as ours
+        state["gen"] = og.Generator(model, params)
+        state["gen"].append_tokens(np.array([ids], dtype=np.int32))
+        return next_token()
+
+    return (prefill, lambda token: next_token(), state.clear), f"onnxruntime-genai {og.__version__}"
+
+
+def _transformers(spec: str, threads: int) -> tuple[Runner, str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    checkpoint, _, dtype = spec.partition(":")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype or "bfloat16"), attn_implementation="eager", local_files_only=True
+    ).to(device).eval()
+    state: dict = {}
+
+    @torch.no_grad()
+    def run(ids: list[int]) -> int:
+        out = model(torch.tensor([ids], device=device), past_key_values=state.get("cache"), use_cache=True)
+        state["cache"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())  # .item() waits for the GPU
+
+    return (lambda ids: run(ids), lambda token: run([token]), state.clear), f"transformers {dtype or 'bfloat16'} {device}"
+
+
+SYSTEMS = {"tandem": _ours, "genai": _genai, "transformers": _transformers}
+
+
+def _memory() -> dict[str, int]:
+    """This process's peak RSS and, where a GPU is in use, its GPU memory (nvidia-smi's figure for the process)."""
+    out = {"peak_rss_bytes": int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return out
+    for line in smi.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            out["gpu_memory_bytes"] = int(used) << 20
+    return out
+
+
+def measure(system: str, target: str, lengths: list[int], new_tokens: int, repeats: int, tokenizer: Path, threads: int) -> dict:
+    """One system, in this process: a warm-up, then each prompt length `repeats` times."""
+    (prefill, step, reset), label = SYSTEMS[system](target, threads)
+    warm = prompt_ids(tokenizer, 16)
+    token = prefill(warm)
+    for _ in range(4):
+        token = step(token)
+    rows = []
+    for length in lengths:
+        ids = prompt_ids(tokenizer, length)
+        ttfts, rates = [], []
+        for _ in range(repeats):
+            reset()
+            start = time.perf_counter()
+            token = prefill(ids)
+            ttfts.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                token = step(token)
+            rates.append(new_tokens / (time.perf_counter() - start))
+        ttft = statistics.median(ttfts)
+        rows.append({"prompt_tokens": length, "ttft_s": ttft, "prefill_tokens_per_s": length / ttft,
+                     "decode_tokens_per_s": statistics.median(rates)})
+    return {"system": system, "target": target, "label": label, "rows": rows, **_memory()}
+
+
+def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
+    """Ours and each peer, each in a fresh process; a peer whose package is missing is skipped with the reason."""
+    results, skipped = [], []
+    for system, target in [("tandem", str(artifact)), *(p.split(":", 1) for p in peers)]:
+        if system not in SYSTEMS:
+            raise TandemError(f"--peer {system}: unknown (known: {', '.join(s for s in SYSTEMS if s != 'tandem')})")
+        args = [sys.executable, "-m", "runtime.bench", system, target, ",".join(map(str, lengths)), str(new_tokens),
+                str(repeats), str(artifact), str(threads)]
+        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            skipped.append({"system": system, "target": target, "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]})
+    return {"date": date.today().isoformat(), "machine": _machine(), "new_tokens": new_tokens, "repeats": repeats,
+            "results": results, "skipped": skipped}
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                         check=False).stdout.strip() if _has("nvidia-smi") else ""
+    return f"{cpu}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else "")
+
+
+def _has(program: str) -> bool:
+    return any((Path(d) / program).exists() for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['machine']}, {report['date']}; greedy, batch 1, median of {report['repeats']}, "
+             f"decode over {report['new_tokens']} tokens", "",
+             "| system | prompt tokens | TTFT | prefill tok/s | decode tok/s | GPU memory | peak RSS |", "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        gpu = f"{r['gpu_memory_bytes'] / 2**30:.2f} GiB" if "gpu_memory_bytes" in r else "—"
+        for row in r["rows"]:
+            lines.append(f"| {r['system']} ({r['label']}) | {row['prompt_tokens']} | {row['ttft_s'] * 1e3:.1f} ms | "
+                         f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | {gpu} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+    lines += [f"\nskipped {s['system']} ({s['target']}): {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # one system in this process: python -m runtime.bench SYSTEM TARGET LENGTHS NEW REPEATS TOKENIZER THREADS
+    system, target, lengths, new, repeats, tokenizer, threads = sys.argv[1:8]
+    print(json.dumps(measure(system, target, [int(x) for x in lengths.split(",")], int(new), int(repeats), Path(tokenizer), int(threads))))
