@@ -52,8 +52,19 @@ def _exact_integer_matmul() -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni"})
 
 
+@cache
+def _shared_gpu_arena(provider: str) -> None:
+    """One CUDA memory arena for every session of the process (each session would otherwise grow its own: 58
+    sessions of a 7B held 30 GB where the weights take 4.5)."""
+    info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator_v2(provider, info, {}, ort.OrtArenaCfg(0, -1, -1, -1))
+
+
 def session_options(threads: int, provider: str) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if provider == "CUDAExecutionProvider":
+        _shared_gpu_arena(provider)
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
