@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from compiler.calibrate import feeds, first_samples, propagate
 from compiler.graphs import build_graph, rope_tables
-from compiler.plan import plan
+from compiler.link import link
+from compiler.plan import GraphPlan, plan
 from compiler.precision import to_float16
 from compiler.progress import progress
 from compiler.quantize import graph_quantization, quantize
@@ -164,13 +165,15 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     graphs_dir = root / "graphs"
     graphs_dir.mkdir()
     graphs = plan(recipe, cfg.num_layers)
-    # without calibration the graphs are independent: the vocabulary-sized ones start first, not to finish last
-    order = graphs if samples else sorted(graphs, key=lambda g: g.blocks[0].kind not in ("embed", "head"))
-    pending = []
+    # built, calibrated and quantized one block at a time (memory: one block), then linked as the plan fuses them
+    units = [GraphPlan(graph.role, (block,)) for graph in graphs for block in graph.blocks]
+    # without calibration the blocks are independent: the vocabulary-sized ones start first, not to finish last
+    order = units if samples else sorted(units, key=lambda u: u.blocks[0].kind not in ("embed", "head"))
+    done: dict[str, tuple[Future, dict[str, str]]] = {}
     with _executor(jobs) as pool:
-        for graph in progress(order, show_progress, "building graphs"):
-            model = build_graph(graph, source.tensor, cfg)
-            file = graphs_dir / f"{graph.name}.onnx"
+        for unit in progress(order, show_progress, "building graphs"):
+            model = build_graph(unit, source.tensor, cfg)
+            file = graphs_dir / f"{unit.name}.onnx"
             inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
             described = graph_quantization(model, quantization)
             _save(model, file)
@@ -179,16 +182,21 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             if samples and names.HIDDEN_NEXT in outputs:
                 samples = propagate(file, inputs, samples, rope)
             if any(d != "fp32" for d in described.values()) or recipe.dtype != "float32":
-                # later graphs calibrate on this one's fp32 outputs, so its quantization can run beside them
-                done = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype)
+                # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
+                done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype), described
             else:
-                done = _done((inputs, outputs))
-            pending.append((graph, file, described, done))
-        specs = [
-            GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role, blocks=[b.name for b in graph.blocks],
-                      quantization=described, inputs=done.result()[0], outputs=done.result()[1])
-            for graph, file, described, done in progress(sorted(pending, key=lambda p: graphs.index(p[0])), show_progress, "quantizing graphs")
-        ]
+                done[unit.name] = _done((inputs, outputs)), described
+        specs = []
+        for graph in progress(graphs, show_progress, "linking graphs"):
+            ios = [done[b.name][0].result() for b in graph.blocks]
+            file = graphs_dir / f"{graph.name}.onnx"
+            if len(graph.blocks) > 1:
+                linked = link([graphs_dir / f"{b.name}.onnx" for b in graph.blocks], file)
+                ios = [(tensor_specs(linked.graph.input), tensor_specs(linked.graph.output))]
+            described = {kind: scheme for b in graph.blocks for kind, scheme in done[b.name][1].items()}
+            specs.append(GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role,
+                                   blocks=[b.name for b in graph.blocks], quantization=dict(sorted(described.items())),
+                                   inputs=ios[0][0], outputs=ios[0][1]))
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != names.UNFINISHED)

@@ -46,6 +46,14 @@ def test_partitions(artifacts):
     assert [g.name for g in fused.graphs] == ["embed-to-head"]
 
 
+def test_fused_graph_links_the_blocks_weights_where_they_are(artifacts):
+    """A fused graph is the split build's blocks linked: the same weight files, byte for byte, one graph file."""
+    split, fused = (load_manifest(artifacts[k]) for k in ("split", "fused"))
+    data = lambda m: {f.path: f.sha256 for f in m.files if f.path.endswith(".data")}  # noqa: E731
+    assert data(fused) == data(split) and len(data(split)) == 2 + 2 * split.model.num_layers
+    assert [f.path for f in fused.files if f.path.endswith(".onnx")] == ["graphs/embed-to-head.onnx"]
+
+
 def test_fused_and_split_give_the_same_logits_across_chunks(artifacts, checkpoint):
     """Prefill across chunk boundaries (chunk 8, 21 tokens) then decode steps, against transformers."""
     tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 24)]
