@@ -26,6 +26,8 @@ from runtime.errors import TandemError
 CONTEXT = 4096  # the KV cache a peer with a preallocated one is given (tandem's is the artifact's capacity)
 TEXT = "The quick brown fox jumps over the lazy dog while the compiler schedules attention and feed-forward blocks. "
 
+EXTRA: dict[str, Callable[[], object]] = {}  # more figures a system reports after its runs
+
 # a system: prefill(ids) -> first token; step(token) -> next token; reset()
 Runner = tuple[Callable[[list[int]], int], Callable[[int], int], Callable[[], None]]
 
@@ -42,6 +44,7 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
 
     engine = Engine(directory, slots=1, threads=threads)
     providers = sorted({p.provider for p in engine.placements})
+    EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
     return (
         lambda ids: int(np.argmax(engine.forward(0, ids))),
         lambda token: int(np.argmax(engine.forward(0, [token]))),
@@ -132,7 +135,8 @@ def measure(system: str, target: str, lengths: list[int], new_tokens: int, repea
         ttft = statistics.median(ttfts)
         rows.append({"prompt_tokens": length, "ttft_s": ttft, "prefill_tokens_per_s": length / ttft,
                      "decode_tokens_per_s": statistics.median(rates)})
-    return {"system": system, "target": target, "label": label, "rows": rows, **_memory()}
+    extra = {name: read() for name, read in EXTRA.items()}
+    return {"system": system, "target": target, "label": label, "rows": rows, **_memory(), **extra}
 
 
 def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
@@ -173,6 +177,10 @@ def markdown(report: dict) -> str:
         for row in r["rows"]:
             lines.append(f"| {r['system']} ({r['label']}) | {row['prompt_tokens']} | {row['ttft_s'] * 1e3:.1f} ms | "
                          f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | {gpu} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+    for r in report["results"]:
+        if share := r.get("time_by_provider_s"):
+            total = sum(share.values()) or 1.0
+            lines.append(f"\n{r['system']}: time in graphs by EP: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
     lines += [f"\nskipped {s['system']} ({s['target']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
 

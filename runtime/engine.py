@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class GraphRunner:
         self.placement = placement
         self._outputs = [(name, names.past_of(name)) for name in spec.outputs]
         self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
+        self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         binding = self.session.io_binding()
@@ -44,7 +46,9 @@ class GraphRunner:
                 binding.bind_output(name, view.device, 0, view.dtype, view.shape, view.address)
             else:
                 binding.bind_output(name, self._device)
+        start = time.perf_counter()
         self.session.run_with_iobinding(binding)
+        self.seconds += time.perf_counter() - start
         for (name, cache_input), value in zip(self._outputs, binding.get_outputs()):
             if not cache_input:
                 values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
@@ -99,6 +103,13 @@ class Engine:
     @property
     def placements(self) -> list[Placement]:
         return [g.placement for g in self.graphs]
+
+    def time_share(self) -> dict[str, float]:
+        """Seconds spent in each execution provider's graphs since the engine was made."""
+        share: dict[str, float] = {}
+        for graph in self.graphs:
+            share[graph.placement.provider] = share.get(graph.placement.provider, 0.0) + graph.seconds
+        return share
 
     @property
     def capacity(self) -> int:
