@@ -5,7 +5,7 @@ import json
 import multiprocessing
 import os
 import shutil
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +172,10 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     done: dict[str, tuple[Future, dict[str, str]]] = {}
     with _executor(jobs) as pool:
         for unit in progress(order, show_progress, "building graphs"):
+            # a built block waits on disk in float32 until a worker quantizes it: at most `jobs` wait (a 7B's
+            # 58 float32 blocks would take 30 GB)
+            while len(running := [f for f, _ in done.values() if not f.done()]) > jobs:
+                wait(running, return_when=FIRST_COMPLETED)
             model = build_graph(unit, source.tensor, cfg)
             file = graphs_dir / f"{unit.name}.onnx"
             inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
