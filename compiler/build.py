@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +125,30 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
     }
 
 
-def finish_graph(
-    file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str
-) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """Quantize a saved fp32 graph and carry it to the artifact's dtype, in place; returns its inputs and outputs."""
-    model = quantize(onnx.load(file), quantization, calibration)
-    if dtype == "float16":
-        model = to_float16(model)
-    _save(model, file)
-    return tensor_specs(model.graph.input), tensor_specs(model.graph.output)
+BlockResult = tuple[dict[str, TensorSpec], dict[str, TensorSpec], dict[str, str]]  # inputs, outputs, quantization
+
+
+def finish_graph(file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str) -> BlockResult:
+    """Quantize a saved fp32 block graph and carry it to the artifact's dtype, in place."""
+    model = onnx.load(file, load_external_data=False)
+    described = graph_quantization(model, quantization)
+    if any(d != "fp32" for d in described.values()) or dtype != "float32":
+        onnx.load_external_data_for_model(model, str(file.parent))
+        model = quantize(model, quantization, calibration)
+        if dtype == "float16":
+            model = to_float16(model)
+        _save(model, file)
+    return tensor_specs(model.graph.input), tensor_specs(model.graph.output), described
+
+
+def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quantization, dtype: str) -> BlockResult:
+    """A block no calibration ties to the others: built from the source at `location` and finished, in this process."""
+    source = _open(location)
+    _save(build_graph(unit, source.tensor, source.config), file)
+    return finish_graph(file, quantization, None, dtype)
+
+
+_open = cache(open_source)  # one per worker process
 
 
 def _executor(jobs: int) -> Executor:
@@ -169,38 +185,38 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     units = [GraphPlan(graph.role, (block,)) for graph in graphs for block in graph.blocks]
     # without calibration the blocks are independent: the vocabulary-sized ones start first, not to finish last
     order = units if samples else sorted(units, key=lambda u: u.blocks[0].kind not in ("embed", "head"))
-    done: dict[str, tuple[Future, dict[str, str]]] = {}
+    done: dict[str, Future] = {}
     with _executor(jobs) as pool:
         for unit in progress(order, show_progress, "building graphs"):
             # a built block waits on disk in float32 until a worker quantizes it: at most `jobs` wait (a 7B's
             # 58 float32 blocks would take 30 GB)
-            while len(running := [f for f, _ in done.values() if not f.done()]) > jobs:
+            while len(running := [f for f in done.values() if not f.done()]) > jobs:
                 wait(running, return_when=FIRST_COMPLETED)
-            model = build_graph(unit, source.tensor, cfg)
             file = graphs_dir / f"{unit.name}.onnx"
+            if not samples:  # independent blocks: a worker builds it too
+                done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype)
+                continue
+            model = build_graph(unit, source.tensor, cfg)
             inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
-            described = graph_quantization(model, quantization)
             _save(model, file)
             del model
-            calibration = [feeds(inputs, x, rope) for x in samples] if samples else None
-            if samples and names.HIDDEN_NEXT in outputs:
+            calibration = [feeds(inputs, x, rope) for x in samples]
+            if names.HIDDEN_NEXT in outputs:
                 samples = propagate(file, inputs, samples, rope)
-            if any(d != "fp32" for d in described.values()) or recipe.dtype != "float32":
-                # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
-                done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype), described
-            else:
-                done[unit.name] = _done((inputs, outputs)), described
+            # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
+            done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype)
         specs = []
         for graph in progress(graphs, show_progress, "linking graphs"):
-            ios = [done[b.name][0].result() for b in graph.blocks]
+            results = [done[b.name].result() for b in graph.blocks]
+            inputs, outputs, _ = results[0]
             file = graphs_dir / f"{graph.name}.onnx"
             if len(graph.blocks) > 1:
                 linked = link([graphs_dir / f"{b.name}.onnx" for b in graph.blocks], file)
-                ios = [(tensor_specs(linked.graph.input), tensor_specs(linked.graph.output))]
-            described = {kind: scheme for b in graph.blocks for kind, scheme in done[b.name][1].items()}
+                inputs, outputs = tensor_specs(linked.graph.input), tensor_specs(linked.graph.output)
+            described = {kind: scheme for _, _, parts in results for kind, scheme in parts.items()}
             specs.append(GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role,
                                    blocks=[b.name for b in graph.blocks], quantization=dict(sorted(described.items())),
-                                   inputs=ios[0][0], outputs=ios[0][1]))
+                                   inputs=inputs, outputs=outputs))
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != names.UNFINISHED)

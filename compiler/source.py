@@ -5,8 +5,9 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -59,12 +60,18 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
 class ModelSource:
     """Lazy access to a checkpoint's tensors (float32 numpy, HF names), config, tokenizer and identity."""
 
-    spec: SourceSpec
+    kind: Literal["gguf", "hf"]
+    location: str
     hf_config: dict[str, Any]
     _read: Callable[[str], np.ndarray]
     _names: set[str]
     save_tokenizer: Callable[[Path], None]
+    _digest: Callable[[], str]  # sha256 of the weights: read in full, so only when asked (a 7B's are 15 GB)
     generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def spec(self) -> SourceSpec:
+        return SourceSpec(kind=self.kind, location=self.location, sha256=self._digest())
 
     @property
     def config(self) -> ModelConfig:
@@ -77,7 +84,7 @@ class ModelSource:
         if name == "lm_head.weight" and name not in self._names:
             name = "model.embed_tokens.weight"  # tied embeddings
         if name not in self._names:
-            raise TandemError(f"{self.spec.location}: tensor {name} not found")
+            raise TandemError(f"{self.location}: tensor {name} not found")
         return np.ascontiguousarray(self._read(name), dtype=np.float32)
 
     def reference_model(self):
@@ -89,9 +96,9 @@ class ModelSource:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
 
-        location = Path(self.spec.location)
+        location = Path(self.location)
         kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
-        if self.spec.kind == "gguf":
+        if self.kind == "gguf":
             kwargs["gguf_file"] = location.name
             location = location.parent
         return AutoModelForCausalLM.from_pretrained(location, **kwargs).eval()
@@ -151,9 +158,13 @@ def open_hf_dir(path: Path) -> ModelSource:
         AutoTokenizer.from_pretrained(path, local_files_only=True).save_pretrained(out)
 
     generation_file = path / "generation_config.json"
-    digest = hashlib.sha256("".join(f"{f.name}:{sha256_of(f)}\n" for f in [config_file, *shards]).encode())
+    def digest() -> str:
+        return hashlib.sha256("".join(f"{f.name}:{sha256_of(f)}\n" for f in [config_file, *shards]).encode()).hexdigest()
+
     return ModelSource(
-        spec=SourceSpec(kind="hf", location=str(path.resolve()), sha256=digest.hexdigest()),
+        kind="hf",
+        location=str(path.resolve()),
+        _digest=digest,
         hf_config=json.loads(config_file.read_text()),
         _read=read,
         _names=set(where),
@@ -202,7 +213,9 @@ def open_gguf(path: Path) -> ModelSource:
     }
     eos = reader.fields.get("tokenizer.ggml.eos_token_id")
     return ModelSource(
-        spec=SourceSpec(kind="gguf", location=str(path.resolve()), sha256=sha256_of(path)),
+        kind="gguf",
+        location=str(path.resolve()),
+        _digest=lambda: sha256_of(path),
         hf_config=hf_config,
         _read=read,
         _names=set(tensors),
