@@ -7,6 +7,7 @@ was saved with. One session call per linked graph instead of one per block is wh
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -41,8 +42,7 @@ def link(files: list[Path], out: Path) -> onnx.ModelProto:
         graph.initializer.extend(g.initializer)  # external: location, offset and length into the part's data file
         graph.value_info.extend(g.value_info)
     for kind, values in (("value", [o for n in graph.node for o in n.output if o]), ("weight", [i.name for i in graph.initializer])):
-        twice = sorted({v for v in values if values.count(v) > 1}) if len(set(values)) < len(values) else []
-        if twice:
+        if twice := sorted(v for v, n in Counter(values).items() if n > 1):
             raise TandemError(f"cannot link {', '.join(f.name for f in files)}: {kind} names made twice: {', '.join(twice[:5])}")
     opsets: dict[str, int] = {}
     for part in parts:

@@ -58,11 +58,10 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
                 by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
     gptq = {n for (scheme, spec), nodes in by_scheme.items() if scheme in ("int4", "int8") and spec.gptq for n in nodes}
     matmul_inputs = {n.input[0] for n in model.graph.node if n.name in gptq and n.op_type == "MatMul"}
-    # one calibration pass for every weight-only kind; one K x K matrix per distinct input is held while
-    # quantizing (a Hessian, then its GPTQ factor in the same memory): a fused graph of many layers holds that
-    # many (2.3 GB for the 24 layers of the 0.5B model)
+    # one calibration pass for every weight-only kind; one K x K matrix per distinct input of the block is held
+    # while quantizing: its Hessian, then GPTQ's factor in the same memory
     hessians = statistics(model, matmul_inputs, calibration, "gram") if calibration and matmul_inputs else {}
-    factors = {name: gptq_factor(hessians.pop(name)) for name in list(hessians)}
+    factors = {name: gptq_factor(hessian) for name, hessian in hessians.items()}
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):
             model = _weight_only(model, spec, nodes, factors)
