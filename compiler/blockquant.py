@@ -18,6 +18,7 @@ import numpy as np
 SHRINK = np.linspace(1.0, 0.6, 17)  # fractions of the block's range tried as the clipping range
 DAMP = 0.01  # GPTQ's dampening of H, as a fraction of its mean diagonal
 WEIGHTS_AT_ONCE = 1 << 25  # output columns are independent: quantize ~32M weights at a time (a 7B's lm_head has 545M)
+FIT_WEIGHTS = 1 << 18  # weights whose clipping ranges are searched at once (1 MB of float32 each)
 LAZY = 128  # columns rounded between two updates of the rest of the matrix (a multiple of the block sizes <= 128)
 
 
@@ -123,34 +124,57 @@ def _quantize_columns(
 
 
 def _fit(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [n, blocks, block], weight [blocks, block] -> integers, scales [n, blocks], zero points [n, blocks]."""
+    """x [n, blocks, block], weight [blocks, block] -> integers, scales [n, blocks], zero points [n, blocks].
+
+    Fitted FIT_WEIGHTS at a time, so that the search's temporaries stay in the processor's cache."""
+    weight = (weight / weight.mean() + 1e-3).astype(np.float32)
+    rows = max(1, FIT_WEIGHTS // (x.shape[1] * x.shape[2]))
+    parts = [_fit_rows(x[i : i + rows], weight, bits, symmetric) for i in range(0, len(x), rows)]
+    q, scale, zp = (np.concatenate(part) for part in zip(*parts))
+    return q, scale, zp
+
+
+def _fit_rows(x: np.ndarray, weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each block tries every clipping range in SHRINK: integers q = round(x / step + zp), then the scale s that
+    minimises sum weight * (x - s (q - zp))^2 for them; the range with the least such error wins. With
+    c = q - zp the error is sum(w x x) - 2 s sum(w x c) + s^2 sum(w c c), so each range costs two sums."""
     levels = 2**bits - 1
-    weight = weight / weight.mean() + 1e-3
-    best_err = np.full(x.shape[:2], np.inf, dtype=np.float32)
-    best_q = np.zeros(x.shape, dtype=np.uint8)
-    best_scale = np.zeros(x.shape[:2], dtype=np.float32)
-    best_zp = np.zeros(x.shape[:2], dtype=np.float32)
     lo, hi = x.min(-1), x.max(-1)
+    wx = weight * x
+    xx = np.einsum("nbk,nbk->nb", wx, x)
+    best_err = np.full(x.shape[:2], np.inf, dtype=np.float32)
+    best_step, best_scale, best_zp = (np.zeros(x.shape[:2], dtype=np.float32) for _ in range(3))
+    c, wc = np.empty_like(x), np.empty_like(x)
     for shrink in SHRINK:
         if symmetric:
             zp = np.full_like(lo, 2 ** (bits - 1))
-            scale = np.maximum(np.abs(lo), np.abs(hi)) * shrink / 2 ** (bits - 1)
+            step = np.maximum(np.abs(lo), np.abs(hi)) * shrink / 2 ** (bits - 1)
         else:
-            scale = (hi - lo) * shrink / levels
-            zp = np.clip(np.round(-lo * shrink / np.where(scale == 0, 1, scale)), 0, levels)
-        scale = np.where(scale == 0, 1e-8, scale)
-        q = np.clip(np.round(x / scale[..., None] + zp[..., None]), 0, levels)
-        centred = q - zp[..., None]
-        # weighted least-squares scale for these integers: min_s sum weight * (x - s * (q - zp))^2
-        denom = (weight * centred * centred).sum(-1)
-        scale = np.where(denom > 0, (weight * x * centred).sum(-1) / np.where(denom > 0, denom, 1), scale)
-        err = (weight * (x - scale[..., None] * centred) ** 2).sum(-1)
+            step = (hi - lo) * shrink / levels
+            zp = np.clip(np.round(-lo * shrink / np.where(step == 0, 1, step)), 0, levels)
+        step = np.where(step == 0, 1e-8, step)
+        _round(x, step, zp, levels, out=c)
+        c -= zp[..., None]
+        xc = np.einsum("nbk,nbk->nb", wx, c)
+        np.multiply(c, weight, out=wc)
+        cc = np.einsum("nbk,nbk->nb", wc, c)
+        scale = np.where(cc > 0, xc / np.where(cc > 0, cc, 1), step)
+        err = xx - 2 * scale * xc + scale * scale * cc
         better = err < best_err
         best_err = np.where(better, err, best_err)
+        best_step = np.where(better, step, best_step)
         best_scale = np.where(better, scale, best_scale)
         best_zp = np.where(better, zp, best_zp)
-        best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
-    return best_q, np.where(best_scale == 0, 1e-8, best_scale), best_zp
+    q = _round(x, best_step, best_zp, levels, out=c).astype(np.uint8)
+    return q, np.where(best_scale == 0, 1e-8, best_scale), best_zp
+
+
+def _round(x: np.ndarray, step: np.ndarray, zp: np.ndarray, levels: int, out: np.ndarray) -> np.ndarray:
+    """round(x / step + zp) clipped to the integer range, per block, into `out`."""
+    np.divide(x, step[..., None], out=out)
+    out += zp[..., None]
+    np.round(out, out=out)
+    return np.clip(out, 0, levels, out=out)
 
 
 def _gptq(w: np.ndarray, gptq: GPTQFactor, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
