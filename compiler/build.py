@@ -133,8 +133,7 @@ def finish_graph(file: Path, quantization: Quantization, calibration: list[dict[
     model = onnx.load(file, load_external_data=False)
     described = graph_quantization(model, quantization)
     if any(d != "fp32" for d in described.values()) or dtype != "float32":
-        onnx.load_external_data_for_model(model, str(file.parent))
-        model = quantize(model, quantization, calibration)
+        model = quantize(model, quantization, calibration, file.parent)
         if dtype == "float16":
             model = to_float16(model)
         _save(model, file)

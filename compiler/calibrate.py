@@ -5,6 +5,7 @@ one graph in memory: the 7B path needs that.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -55,10 +56,15 @@ def propagate(path: Path, inputs: dict[str, TensorSpec], samples: list[np.ndarra
     return [session.run([names.HIDDEN_NEXT], feeds(inputs, x, rope))[0] for x in samples]
 
 
-def statistics(model: onnx.ModelProto, values: set[str], samples: list[dict[str, np.ndarray]], kind: Literal["gram", "absmax"]) -> dict[str, np.ndarray]:
+def statistics(
+    model: onnx.ModelProto, values: set[str], samples: list[dict[str, np.ndarray]], kind: Literal["gram", "absmax"],
+    weights_dir: Path | None = None,
+) -> dict[str, np.ndarray]:
     """Intermediate value name -> its statistic over the samples' tokens, from one run of the graph per sample.
 
     gram: mean x^T x [C, C] (GPTQ's Hessian); absmax: max |x| per channel [C] (SmoothQuant's activation range).
+    weights_dir: where the model, loaded without its external data, has it. The probe graph then reads the
+    weights from those files, and the only copy in memory is ORT's (a 7B's lm_head is 2.2 GB in float32).
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -66,11 +72,23 @@ def statistics(model: onnx.ModelProto, values: set[str], samples: list[dict[str,
     probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted)
     stats: dict[str, np.ndarray] = {}
     rows = dict.fromkeys(wanted, 0)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")  # no second, packed copy of the weights
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        if weights_dir is None:
+            path = Path(tmp) / "probe.onnx"
+            onnx.save_model(probe, path, save_as_external_data=True, location="probe.onnx.data")
+        else:  # beside the weights' files, which the initializers name relative to the model
+            handle, name = tempfile.mkstemp(suffix=".probe.onnx", dir=weights_dir)
+            os.close(handle)
+            path = Path(name)
+            onnx.save_model(probe, path)
         del probe
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            if weights_dir is not None:
+                path.unlink()
         for sample in samples:
             for name, value in zip(wanted, session.run(wanted, sample)):
                 flat = value.reshape(-1, value.shape[-1])

@@ -46,8 +46,14 @@ def graph_quantization(model: onnx.ModelProto, quantization: Quantization) -> di
     return {kind: describe(getattr(quantization, kind)) for kind in sorted(kinds)}
 
 
-def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None) -> onnx.ModelProto:
-    """Return the graph with each kind's nodes in its scheme (fp32 kinds untouched)."""
+def quantize(
+    model: onnx.ModelProto, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None,
+    weights_dir: Path | None = None,
+) -> onnx.ModelProto:
+    """Return the graph with each kind's nodes in its scheme (fp32 kinds untouched).
+
+    weights_dir: the model was loaded without its external data, which is there: calibration runs from the
+    files and the weights are loaded after it."""
     weights = {i.name for i in model.graph.initializer}
     by_scheme: dict[tuple, list[str]] = {}
     for node in model.graph.node:
@@ -60,7 +66,9 @@ def quantize(model: onnx.ModelProto, quantization: Quantization, calibration: li
     matmul_inputs = {n.input[0] for n in model.graph.node if n.name in gptq and n.op_type == "MatMul"}
     # one calibration pass for every weight-only kind; one K x K matrix per distinct input of the block is held
     # while quantizing: its Hessian, then GPTQ's factor in the same memory
-    hessians = statistics(model, matmul_inputs, calibration, "gram") if calibration and matmul_inputs else {}
+    hessians = statistics(model, matmul_inputs, calibration, "gram", weights_dir) if calibration and matmul_inputs else {}
+    if weights_dir is not None:
+        onnx.load_external_data_for_model(model, str(weights_dir))
     factors = {name: gptq_factor(hessian) for name, hessian in hessians.items()}
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):

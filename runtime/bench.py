@@ -41,7 +41,9 @@ def prompt_ids(tokenizer_dir: Path, length: int) -> list[int]:
 
 def _ours(directory: str, threads: int) -> tuple[Runner, str]:
     from runtime.engine import Engine
+    from runtime.providers import share_threads
 
+    share_threads(threads)  # this process makes no other sessions
     engine = Engine(directory, slots=1, threads=threads)
     providers = sorted({p.provider for p in engine.placements})
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done

@@ -104,7 +104,9 @@ def _sampling(gen, args):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from runtime.generate import Generator
+    from runtime.providers import share_threads
 
+    share_threads(args.threads)
     gen = Generator.load(args.artifact, threads=args.threads)
     ids = gen.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else gen.tokenizer.encode(args.prompt)
     for chunk in gen.stream(ids, args.max_tokens, _sampling(gen, args)):
@@ -121,7 +123,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from runtime.generate import Generator
+    from runtime.providers import share_threads
 
+    share_threads(args.threads)
     gen = Generator.load(args.artifact, threads=args.threads)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("tandem chat: empty line or Ctrl-D to quit", file=sys.stderr)
@@ -150,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
+        from runtime.providers import share_threads
         from runtime.server import ServerConfig, Service, create_app
     except ImportError as e:
         raise TandemError(f"the server needs the `server` extra: pip install 'tandem[server]' ({e})") from None
@@ -166,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.artifact, args.served_model_name, args.api_key, args.max_num_seqs, args.max_waiting, args.threads,
         args.max_body_bytes, args.max_messages, args.max_tokens,
     )
+    share_threads(args.threads)
     service = Service(config, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))
     server.run()

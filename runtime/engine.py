@@ -39,7 +39,7 @@ class GraphRunner:
             if isinstance(value, CacheView):
                 binding.bind_input(name, value.device, 0, value.dtype, value.shape, value.address)
             else:
-                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_input(name, self._reachable(value))
         for name, cache_input in self._outputs:
             if cache_input:  # present_* is the memory bound as past_*: written in place
                 view = values[cache_input]
@@ -52,6 +52,14 @@ class GraphRunner:
         for (name, cache_input), value in zip(self._outputs, binding.get_outputs()):
             if not cache_input:
                 values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+
+
+    def _reachable(self, value: ort.OrtValue) -> ort.OrtValue:
+        """ORT copies a host input to the session's device, but not a device input to a host session: that one
+        comes back here (a hidden state from a GPU graph going into a CPU-EP graph)."""
+        if self.placement.device == "cpu" and value.device_name().lower() != "cpu":
+            return _tensor(value.numpy())
+        return value
 
 
 def _tensor(array: np.ndarray, device: str = "cpu") -> ort.OrtValue:
