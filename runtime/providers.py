@@ -68,8 +68,8 @@ def share_threads(threads: int) -> None:
 
     A session's own pool spins its threads for a while after each run: with one session per block on 32 cores,
     the pools of the graphs just run took the cores from the one running (1.4 tokens/s where one pool gave 16).
-    Only for processes whose sessions all come from create_session, made after this call: ORT refuses a session
-    with its own pool once the shared one exists (its quantization tools make such sessions)."""
+    Process-wide and for good: ORT then refuses any session with a pool of its own (its quantization tools make
+    such sessions), so only commands whose process runs the engine alone call it (generate, chat, serve, bench)."""
     global _shared_threads
     if not _shared_threads:
         ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
