@@ -22,37 +22,61 @@ class GraphRunner:
     """A graph's session; binds its inputs by name from the step's values and carries its outputs on.
 
     Outputs stay on the device of the graph's EP, where the next graph (usually on the same EP) reads them;
-    logits always come back to the host, for sampling."""
+    logits always come back to the host, for sampling. The KV cache is bound once per batch of slots (its
+    addresses do not change), so a step binds only its few small inputs; a decode step's outputs go into
+    buffers made on its first run and kept (per batch size), so a step allocates nothing."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
         self.session = session
         self.placement = placement
-        self._outputs = [(name, names.past_of(name)) for name in spec.outputs]
+        self._cache = [name for name in spec.inputs if name.startswith("past_")]
+        self._inputs = [name for name in spec.inputs if name not in self._cache]
+        self._outputs = [name for name in spec.outputs if names.past_of(name) is None]
         self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
+        self._bindings: dict[CacheView | None, ort.IOBinding] = {}
+        self._kept: dict[tuple, list[ort.OrtValue]] = {}
         self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
-        binding = self.session.io_binding()
-        for name in self.spec.inputs:
-            value = values[name]
-            if isinstance(value, CacheView):
-                binding.bind_input(name, value.device, 0, value.dtype, value.shape, value.address)
-            else:
-                binding.bind_ortvalue_input(name, self._reachable(value))
-        for name, cache_input in self._outputs:
-            if cache_input:  # present_* is the memory bound as past_*: written in place
-                view = values[cache_input]
-                binding.bind_output(name, view.device, 0, view.dtype, view.shape, view.address)
+        batch = values[self._cache[0]] if self._cache else None
+        binding = self._bindings.get(batch) or self._bind_cache(batch, values)
+        dims: dict[str, int] = {}
+        for name in self._inputs:
+            value = self._reachable(values[name])
+            binding.bind_ortvalue_input(name, value)
+            dims.update(zip(self.spec.inputs[name].shape, value.shape()))
+        shapes = tuple(tuple(dims.get(d, d) for d in self.spec.outputs[name].shape) for name in self._outputs)
+        kept = self._kept.get(shapes) if dims.get("sequence", 1) == 1 else None  # decode: one new token per row
+        if kept is None and dims.get("sequence", 1) == 1:
+            kept = self._kept[shapes] = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(self.spec.outputs[name].dtype), self._device, 0)
+                for name, shape in zip(self._outputs, shapes)
+            ]
+        for i, name in enumerate(self._outputs):
+            if kept:
+                binding.bind_ortvalue_output(name, kept[i])
             else:
                 binding.bind_output(name, self._device)
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.seconds += time.perf_counter() - start
-        for (name, cache_input), value in zip(self._outputs, binding.get_outputs()):
-            if not cache_input:
-                values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+        outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
+        for name, value in zip(self._outputs, outputs):
+            values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
 
+    def _bind_cache(self, batch: CacheView | None, values: dict[str, ort.OrtValue | CacheView]) -> ort.IOBinding:
+        """A binding with this batch's KV cache views bound: past_* inputs, and present_* outputs in the same memory."""
+        binding = self.session.io_binding()
+        for name in self._cache:
+            view = values[name]
+            binding.bind_input(name, view.device, 0, view.dtype, view.shape, view.address)
+        for name in self.spec.outputs:
+            if cache_input := names.past_of(name):
+                view = values[cache_input]
+                binding.bind_output(name, view.device, 0, view.dtype, view.shape, view.address)
+        self._bindings[batch] = binding
+        return binding
 
     def _reachable(self, value: ort.OrtValue) -> ort.OrtValue:
         """ORT copies a host input to the session's device, but not a device input to a host session: that one
@@ -179,7 +203,7 @@ class Engine:
         values[names.INPUT_IDS] = _tensor(ids)
         for graph in self.graphs:
             graph.run(values)
-        return values[names.LOGITS].numpy()
+        return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer is the next step's too
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

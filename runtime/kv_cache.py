@@ -38,6 +38,7 @@ class KVCache:
             for layer in range(spec.layers)
             for kind in ("key", "value")
         }
+        self._views: dict[tuple[int, int], dict[str, CacheView]] = {}
 
     @property
     def slots(self) -> int:
@@ -49,12 +50,14 @@ class KVCache:
 
     def bindings(self, start: int, stop: int) -> dict[str, CacheView]:
         """The past_* views of slots [start, stop) as one batch (graphs write present_* into the same memory)."""
-        slot_bytes = self.spec.kv_heads * self.capacity * self.spec.head_dim * self.dtype.itemsize
-        shape = (stop - start, self.spec.kv_heads, self.capacity, self.spec.head_dim)
-        return {
-            name: CacheView(self.device, self.dtype, shape, buffer.data_ptr() + start * slot_bytes)
-            for name, buffer in self._buffers.items()
-        }
+        if (start, stop) not in self._views:  # made once per batch: the buffers never move
+            slot_bytes = self.spec.kv_heads * self.capacity * self.spec.head_dim * self.dtype.itemsize
+            shape = (stop - start, self.spec.kv_heads, self.capacity, self.spec.head_dim)
+            self._views[start, stop] = {
+                name: CacheView(self.device, self.dtype, shape, buffer.data_ptr() + start * slot_bytes)
+                for name, buffer in self._buffers.items()
+            }
+        return self._views[start, stop]
 
     def usage(self) -> float:
         """Fraction of the cache's token positions in use."""

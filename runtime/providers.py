@@ -78,11 +78,13 @@ def share_threads(threads: int) -> None:
 
 def session_options(threads: int, provider: str) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.use_per_session_threads = not _shared_threads
     if provider == "CUDAExecutionProvider":
         _shared_gpu_arena(provider)
         options.add_session_config_entry("session.use_env_allocators", "1")
-    options.intra_op_num_threads = threads
+    if _shared_threads:
+        options.use_per_session_threads = False  # the pool of share_threads, sized there
+    else:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if provider == "CPUExecutionProvider" and not _exact_integer_matmul():
