@@ -9,6 +9,7 @@
 # ml_dtypes). Then, calls back to back on one warm machine:
 #   5 calls, carry [".device/ortgpu.partNN"] (the last also ".device/tok", ".device/gpu"):
 #       mkdir -p /root/w && mv .device/ortgpu.part* /root/w/ && { [ ! -d .device/gpu ] || bash docs/device/gpu_7b.sh start; }
+#   (the last of them runs `gpu_7b.sh start long` for the long-context stage instead)
 #   bash docs/device/gpu_7b.sh wait 560      (until it prints "all done"; each call waits at most that long)
 #   bash docs/device/gpu_7b.sh collect       (reports and logs to $OUT)
 # Timings of the GPU rows are taken while nothing else runs: each compile ends (or is stopped once its graphs and
@@ -45,7 +46,7 @@ start)
   python3 -m pip install -q --no-deps --no-index --target /root/ortsite /root/w/$WHEEL
   python3 -m pip install -q --no-deps --no-index --target /root/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs pyproject.toml $W/src/ && cp -r .device/tok $W/tok
-  setsid nohup bash docs/device/gpu_7b.sh run > $W/log 2>&1 < /dev/null &
+  setsid nohup bash docs/device/gpu_7b.sh "${2:-run}" > $W/log 2>&1 < /dev/null &
   sleep 20; cat $W/log
   ;;
 run)
@@ -78,6 +79,20 @@ for role in m["roles"].values():
 yaml.safe_dump(m, open(path, "w"), sort_keys=False, width=120, default_flow_style=None)
 PY
   python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --out $W/bench-cpu.json
+  stamp "all done"
+  ;;
+long)
+  # the CUDA recipe with a 32K KV cache: a 32000-token prompt through chunked prefill, and ORT's fpA_intB
+  # (TensorRT-LLM) MatMulNBits kernels switched on by its environment variable, against the default kernels
+  cd $W/src
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; echo "$CORES cores"
+  python3 -m compiler.cli make-checkpoint --config qwen2.5-7b-instruct --random-weights -o $W/q7b --tokenizer $W/tok --jobs "$CORES"
+  stamp checkpoint
+  sed 's/^max_context: 4096/max_context: 32768/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-32k.yaml
+  compile $W/cuda-32k.yaml cuda32k
+  python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024,32000 --new-tokens 128 --repeats 3 --out $W/bench-long.json
+  stamp "bench long"
+  ORT_FPA_INTB_GEMM=1 python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-fpa.json
   stamp "all done"
   ;;
 wait)
