@@ -122,6 +122,24 @@ def test_prompts_of_different_lengths_prefill_in_one_step(artifacts):
             engine.extend([0], [[5] * 84])
 
 
+def test_decode_steps_allocate_nothing_and_return_their_own_logits(artifacts):
+    """A decode step writes into buffers kept from the first one, and the KV cache stays bound: the logits
+    returned by one step are not overwritten by the next, and a later prefill (ORT's own buffers) is unaffected."""
+    for name, artifact in artifacts.items():
+        engine = Engine(artifact)
+        engine.forward(0, [5, 6, 7])
+        first = engine.forward(0, [8])
+        kept = first.copy()
+        second = engine.forward(0, [9])
+        np.testing.assert_array_equal(first, kept, err_msg=name)
+        assert not np.array_equal(first, second), name
+        engine.reset(0)
+        engine.forward(0, [5, 6, 7])
+        np.testing.assert_array_equal(engine.forward(0, [8]), kept, err_msg=name)  # same tokens, same logits
+        for graph in engine.graphs:
+            assert len(graph._kept) == 1 and len(graph._bindings) == 1, (name, graph.spec.name)
+
+
 def test_context_that_does_not_fit(artifacts):
     engine = Engine(artifacts["fused"])
     with pytest.raises(TandemError, match="does not fit"):

@@ -46,6 +46,7 @@ start)
   python3 -m pip install -q --no-deps --no-index --target /root/ortsite /root/w/$WHEEL
   python3 -m pip install -q --no-deps --no-index --target /root/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs pyproject.toml $W/src/ && cp -r .device/tok $W/tok
+  [ ! -d .device/gpu/old ] || cp -r .device/gpu/old $W/old
   setsid nohup bash docs/device/gpu_7b.sh "${2:-run}" > $W/log 2>&1 < /dev/null &
   sleep 20; cat $W/log
   ;;
@@ -93,6 +94,10 @@ long)
   python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024,32000 --new-tokens 128 --repeats 3 --out $W/bench-long.json
   stamp "bench long"
   ORT_FPA_INTB_GEMM=1 python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-fpa.json
+  stamp "bench fpa"
+  # the engine before the KV cache was bound once per batch (.device/gpu/old: runtime/engine.py, kv_cache.py of 7923721)
+  cp -r $W/src $W/src-old && cp $W/old/*.py $W/src-old/runtime/
+  PYTHONPATH=/root/ortsite:/root/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old.json
   stamp "all done"
   ;;
 wait)
