@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from compiler.fusions import fuse_skip_norms
 from runtime import manifest as names
 from runtime.errors import TandemError
 
@@ -44,6 +45,7 @@ def link(files: list[Path], out: Path) -> onnx.ModelProto:
     for kind, values in (("value", [o for n in graph.node for o in n.output if o]), ("weight", [i.name for i in graph.initializer])):
         if twice := sorted(v for v, n in Counter(values).items() if n > 1):
             raise TandemError(f"cannot link {', '.join(f.name for f in files)}: {kind} names made twice: {', '.join(twice[:5])}")
+    fuse_skip_norms(graph)
     opsets: dict[str, int] = {}
     for part in parts:
         for opset in part.opset_import:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -52,6 +54,16 @@ def test_fused_graph_links_the_blocks_weights_where_they_are(artifacts):
     data = lambda m: {f.path: f.sha256 for f in m.files if f.path.endswith(".data")}  # noqa: E731
     assert data(fused) == data(split) and len(data(split)) == 2 + 2 * split.model.num_layers
     assert [f.path for f in fused.files if f.path.endswith(".onnx")] == ["graphs/embed-to-head.onnx"]
+
+
+def test_linked_blocks_meet_in_fused_norms(artifacts):
+    """Each residual Add and the next block's RMSNorm become one SkipSimplifiedLayerNormalization when linked:
+    at every block boundary but the embedding's (no residual yet) and the head's (GatherND comes between)."""
+    fused = load_manifest(artifacts["fused"])
+    model = onnx.load(artifacts["fused"] / fused.graphs[0].file, load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * fused.model.num_layers - 1
+    assert ops["SimplifiedLayerNormalization"] == 2 and ops["Add"] == fused.model.num_layers + 1  # QKV biases, last residual
 
 
 def test_fused_and_split_give_the_same_logits_across_chunks(artifacts, checkpoint):
