@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import TandemError
+from runtime.roofline import bytes_per_token, memory_bandwidth
 
 CONTEXT = 4096  # the KV cache a peer with a preallocated one is given (tandem's is the artifact's capacity)
 TEXT = "The quick brown fox jumps over the lazy dog while the compiler schedules attention and feed-forward blocks. "
@@ -47,11 +48,21 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
     engine = Engine(directory, slots=1, threads=threads)
     providers = sorted({p.provider for p in engine.placements})
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
+    EXTRA["time_by_graph_kind_s"] = lambda: _by_kind(engine)
     return (
         lambda ids: int(np.argmax(engine.forward(0, ids))),
         lambda token: int(np.argmax(engine.forward(0, [token]))),
         lambda: engine.reset(0),
     ), "+".join(providers)
+
+
+def _by_kind(engine) -> dict[str, float]:
+    """Seconds in graphs by what they hold: attention, ffn, embed, head, or the kinds a linked graph joins."""
+    share: dict[str, float] = {}
+    for graph in engine.graphs:
+        kind = "+".join(sorted({block.split(".")[0] for block in graph.spec.blocks}))
+        share[kind] = share.get(kind, 0.0) + graph.seconds
+    return share
 
 
 def _genai(directory: str, threads: int) -> tuple[Runner, str]:
@@ -121,7 +132,7 @@ def measure(system: str, target: str, lengths: list[int], new_tokens: int, repea
     token = prefill(warm)
     for _ in range(4):
         token = step(token)
-    rows = []
+    rows, tokens = [], []
     for length in lengths:
         ids = prompt_ids(tokenizer, length)
         ttfts, rates = [], []
@@ -130,15 +141,18 @@ def measure(system: str, target: str, lengths: list[int], new_tokens: int, repea
             start = time.perf_counter()
             token = prefill(ids)
             ttfts.append(time.perf_counter() - start)
+            chosen = [token]
             start = time.perf_counter()
             for _ in range(new_tokens):
                 token = step(token)
+                chosen.append(token)
             rates.append(new_tokens / (time.perf_counter() - start))
+            tokens = tokens or chosen  # the first prompt's greedy reply: systems on the same weights should agree
         ttft = statistics.median(ttfts)
         rows.append({"prompt_tokens": length, "ttft_s": ttft, "prefill_tokens_per_s": length / ttft,
                      "decode_tokens_per_s": statistics.median(rates)})
     extra = {name: read() for name, read in EXTRA.items()}
-    return {"system": system, "target": target, "label": label, "rows": rows, **_memory(), **extra}
+    return {"system": system, "target": target, "label": label, "rows": rows, "tokens": tokens, **_memory(), **extra}
 
 
 def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
@@ -154,8 +168,15 @@ def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int,
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         else:
             skipped.append({"system": system, "target": target, "reason": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]})
-    return {"date": date.today().isoformat(), "machine": _machine(), "new_tokens": new_tokens, "repeats": repeats,
-            "results": results, "skipped": skipped}
+    report = {"date": date.today().isoformat(), "machine": _machine(), "new_tokens": new_tokens, "repeats": repeats,
+              "results": results, "skipped": skipped}
+    ours = next((r for r in results if r["system"] == "tandem"), None)
+    if ours and ours["label"] == "CPU":  # the host's memory bounds decode only where the graphs run on the host
+        bandwidth = memory_bandwidth(threads)
+        report["memory_bandwidth_bytes_per_s"] = bandwidth
+        for row in ours["rows"]:
+            row["decode_bound_tokens_per_s"] = bandwidth / bytes_per_token(artifact, row["prompt_tokens"])
+    return report
 
 
 def _machine() -> str:
@@ -173,16 +194,28 @@ def _has(program: str) -> bool:
 def markdown(report: dict) -> str:
     lines = [f"{report['machine']}, {report['date']}; greedy, batch 1, median of {report['repeats']}, "
              f"decode over {report['new_tokens']} tokens", "",
-             "| system | prompt tokens | TTFT | prefill tok/s | decode tok/s | GPU memory | peak RSS |", "|---|---|---|---|---|---|---|"]
+             "| system | prompt tokens | TTFT | prefill tok/s | decode tok/s | decode bound | GPU memory | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         gpu = f"{r['gpu_memory_bytes'] / 2**30:.2f} GiB" if "gpu_memory_bytes" in r else "—"
         for row in r["rows"]:
+            bound = row.get("decode_bound_tokens_per_s")
+            of_bound = f"{bound:.1f} ({row['decode_tokens_per_s'] / bound:.0%} reached)" if bound else "—"
             lines.append(f"| {r['system']} ({r['label']}) | {row['prompt_tokens']} | {row['ttft_s'] * 1e3:.1f} ms | "
-                         f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | {gpu} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+                         f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | {of_bound} | {gpu} | "
+                         f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |")
+    if bandwidth := report.get("memory_bandwidth_bytes_per_s"):
+        lines.append(f"\ndecode bound: measured read bandwidth {bandwidth / 1e9:.1f} GB/s over the bytes a step reads "
+                     "(weights but the embedding table, and the KV cache at that context)")
+    ours = next((r["tokens"] for r in report["results"] if r["system"] == "tandem"), [])
     for r in report["results"]:
-        if share := r.get("time_by_provider_s"):
-            total = sum(share.values()) or 1.0
-            lines.append(f"\n{r['system']}: time in graphs by EP: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
+        for key, what in (("time_by_provider_s", "EP"), ("time_by_graph_kind_s", "graph kind")):
+            if share := r.get(key):
+                total = sum(share.values()) or 1.0
+                lines.append(f"\n{r['system']}: time in graphs by {what}: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
+        if r["system"] != "tandem" and ours:
+            same = sum(a == b for a, b in zip(ours, r["tokens"]))
+            lines.append(f"\n{r['system']}: greedy reply to the first prompt equals tandem's in {same} of {len(ours)} tokens")
     lines += [f"\nskipped {s['system']} ({s['target']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,7 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per prompt length (the median is reported)")
     p.add_argument("--peer", action="append", default=[], help="genai:DIR or transformers:CHECKPOINT[:DTYPE] (repeatable)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the report as JSON (and Markdown beside it)")
+    p.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md and the plots")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("stress", help="load, soak and cut streams against the server; what it must not lose")
@@ -191,6 +191,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from runtime.bench import bench, markdown
+    from runtime.bench_plots import write_plots
 
     try:
         lengths = [int(n) for n in args.prompt_lengths.split(",") if n.strip()]
@@ -198,8 +199,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
     report = bench(args.artifact, args.peer, lengths, args.new_tokens, args.repeats, args.threads)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(report))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "bench.md").write_text(markdown(report))
+        if not write_plots(report, args.out):
+            print("(no plots: matplotlib is not installed; pip install 'tandem[bench]')", file=sys.stderr)
     print(markdown(report))
     if not report["results"]:
         raise TandemError("nothing was measured: " + "; ".join(s["reason"] for s in report["skipped"]))

@@ -62,24 +62,26 @@ run)
   compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
   wait $genai; stamp "genai built"; rm -rf $W/genai-cache
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
-    --peer genai:$W/genai7 --peer transformers:$W/q7b --out $W/bench-cuda.json
+    --peer genai:$W/genai7 --peer transformers:$W/q7b --out $W/bench-cuda
   stamp "bench cuda"
-  python3 -m compiler.cli info $W/cuda | head -8
+  python3 -m compiler.cli info $W/cuda > $W/info-cuda.txt; head -8 $W/info-cuda.txt
   compile recipes/qwen2.5-7b-instruct.split.yaml split
-  python3 -m compiler.cli info $W/split | head -12
-  python3 -m compiler.cli bench $W/split --prompt-lengths 32,1024 --new-tokens 64 --repeats 3 --out $W/bench-split.json
+  python3 -m compiler.cli info $W/split > $W/info-split.txt; head -12 $W/info-split.txt
+  python3 -m compiler.cli bench $W/split --prompt-lengths 32,1024 --new-tokens 64 --repeats 3 --out $W/bench-split
   stamp "bench split"
   # the same artifact on the CPU cores alone: every role's chain cut to the CPU EP, in a hard-linked copy
   cp -al $W/split $W/cpu
   python3 - <<PY
 import yaml
 path = "$W/cpu/manifest.yaml"
+import os
 m = yaml.safe_load(open(path))
 for role in m["roles"].values():
     role["providers"] = [{"name": "CPU", "options": {}}]
+os.unlink(path)  # a hard link to the split artifact's manifest: a new file, not that one rewritten
 yaml.safe_dump(m, open(path, "w"), sort_keys=False, width=120, default_flow_style=None)
 PY
-  python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --out $W/bench-cpu.json
+  python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --out $W/bench-cpu
   stamp "all done"
   ;;
 long)
@@ -91,23 +93,23 @@ long)
   stamp checkpoint
   sed 's/^max_context: 4096/max_context: 32768/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-32k.yaml
   compile $W/cuda-32k.yaml cuda32k
-  python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024,32000 --new-tokens 128 --repeats 3 --out $W/bench-long.json
+  python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024,32000 --new-tokens 128 --repeats 3 --out $W/bench-long
   stamp "bench long"
-  ORT_FPA_INTB_GEMM=1 python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-fpa.json
+  ORT_FPA_INTB_GEMM=1 python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-fpa
   stamp "bench fpa"
   # the engine before the KV cache was bound once per batch (.device/gpu/old: runtime/engine.py, kv_cache.py of 7923721)
   cp -r $W/src $W/src-old && cp $W/old/*.py $W/src-old/runtime/
-  PYTHONPATH=/root/ortsite:/root/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old.json
+  PYTHONPATH=/root/ortsite:/root/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old
   stamp "all done"
   ;;
 wait)
   end=$((SECONDS + $2))
-  until grep -q "all done" $W/log || [ $SECONDS -ge $end ] || ! pgrep -f "gpu_7b.sh run" > /dev/null; do sleep 10; done
+  until grep -q "all done" $W/log || [ $SECONDS -ge $end ] || ! pgrep -f "gpu_7b.sh (run|long)" > /dev/null; do sleep 10; done
   tail -40 $W/log; df -h /root | tail -1; free -g | sed -n 2p
   ;;
 collect)
   cp $W/log "$OUT/run.log"
-  for f in $W/bench-*.json $W/bench-*.md; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for d in $W/bench-*/; do cp "$d/bench.json" "$OUT/$(basename "$d").json"; cp "$d/bench.md" "$OUT/$(basename "$d").md"; done
   tail -c 200000 $W/compile-cuda.log > "$OUT/compile-cuda.log" 2>/dev/null || true
   grep -E "Elapsed|Maximum resident" $W/genai-build.log $W/compile-*.log || true
   ;;
