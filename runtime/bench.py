@@ -3,8 +3,9 @@
 Every system runs in its own process (so memory is its own), one after another, on the same prompt token ids:
 greedy, batch 1, the median of `repeats` runs per prompt length. TTFT is prompt in -> first token chosen; decode
 tokens/s is over the `new_tokens` after it, so "decode at 1K" is the row whose prompt had 1024 tokens.
-Peers are optional: `genai:DIR` (an ONNX Runtime GenAI model folder, e.g. its builder's output) and
-`transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU); a missing package skips it.
+Peers are optional: `genai:DIR` (an ONNX Runtime GenAI model folder, e.g. its builder's output),
+`transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU) and `optimum:DIR` (optimum's
+ORTModelForCausalLM, from its export or a checkpoint); a missing package skips it.
 """
 from __future__ import annotations
 
@@ -107,7 +108,34 @@ def _transformers(spec: str, threads: int) -> tuple[Runner, str]:
     return (lambda ids: run(ids), lambda token: run([token]), state.clear), f"transformers {dtype or 'bfloat16'} {device}"
 
 
-SYSTEMS = {"tandem": _ours, "genai": _genai, "transformers": _transformers}
+def _optimum(directory: str, threads: int) -> tuple[Runner, str]:
+    """optimum's ORTModelForCausalLM on the CPU EP: an optimum-exported model folder, or a checkpoint (exported
+    to fp32 ONNX at load, outside the timings)."""
+    from importlib.metadata import version
+
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    exported = any(Path(directory).glob("*.onnx"))
+    model = ORTModelForCausalLM.from_pretrained(directory, export=not exported, use_cache=True, local_files_only=True,
+                                                session_options=options)
+    state: dict = {}
+
+    def run(ids: list[int]) -> int:
+        length = state.get("length", 0) + len(ids)
+        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, length, dtype=torch.long),
+                    past_key_values=state.get("past"), use_cache=True)
+        state.update(past=out.past_key_values, length=length)
+        return int(out.logits[0, -1].argmax())
+
+    return (run, lambda token: run([token]), state.clear), f"optimum-onnx {version('optimum-onnx')} ORTModelForCausalLM"
+
+
+SYSTEMS = {"tandem": _ours, "genai": _genai, "transformers": _transformers, "optimum": _optimum}
 
 
 def _memory() -> dict[str, int]:

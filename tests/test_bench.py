@@ -10,14 +10,15 @@ from tests.conftest import tandem
 def test_bench_runs_ours_and_a_peer_side_by_side(artifacts, checkpoint, tmp_path):
     out = tmp_path / "bench"
     proc = tandem("bench", str(artifacts["fused"]), "--prompt-lengths", "8,24", "--new-tokens", "6", "--repeats", "1",
-                  "--threads", "1", "--peer", f"transformers:{checkpoint}:float32", "--peer", "genai:nowhere", "--out", str(out))
+                  "--threads", "1", "--peer", f"transformers:{checkpoint}:float32", "--peer", f"optimum:{checkpoint}",
+                  "--peer", "genai:nowhere", "--out", str(out))
     report = json.loads((out / "bench.json").read_text())
-    ours, peer = report["results"]
-    assert (ours["system"], peer["system"]) == ("tandem", "transformers")
+    ours, *peers = report["results"]
+    assert [r["system"] for r in report["results"]] == ["tandem", "transformers", "optimum"]
     assert [row["prompt_tokens"] for row in ours["rows"]] == [8, 24]
     # the same fp32 weights and prompt: the same greedy reply, token for token
-    assert len(ours["tokens"]) == 7 and ours["tokens"] == peer["tokens"]
-    assert "greedy reply to the first prompt equals tandem's in 7 of 7 tokens" in proc.stdout
+    assert len(ours["tokens"]) == 7 and all(peer["tokens"] == ours["tokens"] for peer in peers)
+    assert proc.stdout.count("greedy reply to the first prompt equals tandem's in 7 of 7 tokens") == 2
     # the graphs ran on the CPU EP, so decode is set against the host's measured memory bandwidth
     bandwidth = report["memory_bandwidth_bytes_per_s"]
     for row in ours["rows"]:
