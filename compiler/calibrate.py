@@ -52,8 +52,16 @@ def feeds(inputs: dict[str, TensorSpec], x: np.ndarray, rope: np.ndarray) -> dic
 
 def propagate(path: Path, inputs: dict[str, TensorSpec], samples: list[np.ndarray], rope: np.ndarray) -> list[np.ndarray]:
     """Run the fp32 graph on every sample; its hidden_next outputs are the next graph's samples."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), _one_copy(), providers=["CPUExecutionProvider"])
     return [session.run([names.HIDDEN_NEXT], feeds(inputs, x, rope))[0] for x in samples]
+
+
+def _one_copy() -> ort.SessionOptions:
+    """Calibration runs a graph a few times: its weights are kept once, not again packed for faster MatMuls
+    (a 7B FFN block's weights are 0.8 GB in float32)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 def statistics(
@@ -72,8 +80,6 @@ def statistics(
     probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted)
     stats: dict[str, np.ndarray] = {}
     rows = dict.fromkeys(wanted, 0)
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")  # no second, packed copy of the weights
     with tempfile.TemporaryDirectory() as tmp:
         if weights_dir is None:
             path = Path(tmp) / "probe.onnx"
@@ -85,7 +91,7 @@ def statistics(
             onnx.save_model(probe, path)
         del probe
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), _one_copy(), providers=["CPUExecutionProvider"])
         finally:
             if weights_dir is not None:
                 path.unlink()

@@ -23,6 +23,9 @@ from onnx import numpy_helper
 from compiler.calibrate import statistics
 
 
+NORM_WEIGHT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # the input holding gamma
+
+
 def smooth(model: onnx.ModelProto, matmuls: set[str], samples: list[dict[str, np.ndarray]], alpha: float) -> onnx.ModelProto:
     """Fold scales for every input of the named MatMuls whose producer is one of the patterns above."""
     nodes = [n for n in model.graph.node if n.name in matmuls and n.op_type == "MatMul"]
@@ -57,11 +60,12 @@ def _folder(node, producer, consumers, inits, matmuls):
     """The function that picks the scales for this producer and divides them out of it, or None."""
     if node is None:
         return None
-    if node.op_type == "SimplifiedLayerNormalization" and node.input[1] in inits:
+    gamma = node.input[NORM_WEIGHT[node.op_type]] if node.op_type in NORM_WEIGHT else None
+    if gamma in inits:
 
         def fold_norm(act, wmax, alpha):
             scale = _factors(act, wmax, alpha)
-            _set(inits, node.input[1], _array(inits, node.input[1]) / scale)
+            _set(inits, gamma, _array(inits, gamma) / scale)
             return scale
 
         return fold_norm
