@@ -6,10 +6,10 @@
 # From the repository root here: ../shared/device/ortgpu-pieces.sh (.device/ortgpu.part00-04), the default
 # artifact's tokenizer files in .device/tok, and the wheels the image lacks in .device/gpu (onnxruntime-genai-cuda
 # 0.18.0, pydantic + pydantic-core, annotated-types, typing-inspection, typing-extensions, pyyaml, onnx-ir,
-# ml_dtypes). Then, calls back to back on one warm machine:
-#   5 calls, carry [".device/ortgpu.partNN"] (the last also ".device/tok", ".device/gpu"):
-#       mkdir -p /root/w && mv .device/ortgpu.part* /root/w/ && { [ ! -d .device/gpu ] || bash docs/device/gpu_7b.sh start; }
-#   (the last of them runs `gpu_7b.sh start long` for the long-context stage instead)
+# ml_dtypes; for the long stage also .device/gpu/old: runtime/engine.py and kv_cache.py of 7923721). Then, calls
+# back to back on one warm machine (an idle one goes back after 30 s; one call carries at most 64 MiB):
+#   5 calls, carry [".device/ortgpu.partNN"]:  mkdir -p /root/w && mv .device/ortgpu.part* /root/w/
+#   1 call, carry [".device/tok", ".device/gpu"]:  bash docs/device/gpu_7b.sh start [run|long]
 #   bash docs/device/gpu_7b.sh wait 560      (until it prints "all done"; each call waits at most that long)
 #   bash docs/device/gpu_7b.sh collect       (reports and logs to $OUT)
 # Timings of the GPU rows are taken while nothing else runs: each compile ends (or is stopped once its graphs and
