@@ -8,16 +8,17 @@
 # 0.18.0, pydantic + pydantic-core, annotated-types, typing-inspection, typing-extensions, pyyaml, onnx-ir,
 # ml_dtypes; for the long stage also .device/gpu/old: runtime/engine.py and kv_cache.py of 7923721). Then, calls
 # back to back on one warm machine (an idle one goes back after 30 s; one call carries at most 64 MiB):
-#   5 calls, carry [".device/ortgpu.partNN"]:  mkdir -p /root/w && mv .device/ortgpu.part* /root/w/
+#   5 calls, carry [".device/ortgpu.partNN"]:  mkdir -p .device/w && mv .device/ortgpu.part* .device/w/
 #   1 call, carry [".device/tok", ".device/gpu"]:  bash docs/device/gpu_7b.sh start [run|long]
 #   bash docs/device/gpu_7b.sh wait 560      (until it prints "all done"; each call waits at most that long)
 #   bash docs/device/gpu_7b.sh collect       (reports and logs to $OUT)
 # Timings of the GPU rows are taken while nothing else runs: each compile ends (or is stopped once its graphs and
 # manifest are written, before its verify pass) before the benchmarks start.
 set -euo pipefail
-W=/root/w7
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)  # the repository's copy on the device; .device/ is git-ignored, so it stays
+W=$ROOT/.device/w7
 WHEEL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-export PYTHONPATH=/root/ortsite:/root/site:$W/src PYTHONUNBUFFERED=1
+export PYTHONPATH=$W/ortsite:$W/site:$W/src PYTHONUNBUFFERED=1
 CORES=$(nproc)
 JOBS=$(( $(free -g | awk '/Mem:/ {print $2}') / 5 )); JOBS=$(( JOBS < CORES - 2 ? JOBS : CORES - 2 ))  # ~4 GB a worker
 TIME=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v" || true)
@@ -41,10 +42,10 @@ compile() {
 
 case "$1" in
 start)
-  cat /root/w/ortgpu.part0* > /root/w/$WHEEL
-  echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  /root/w/$WHEEL" | sha256sum -c -
-  python3 -m pip install -q --no-deps --no-index --target /root/ortsite /root/w/$WHEEL
-  python3 -m pip install -q --no-deps --no-index --target /root/site .device/gpu/*.whl
+  cat .device/w/ortgpu.part0* > .device/w/$WHEEL
+  echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  .device/w/$WHEEL" | sha256sum -c -
+  python3 -m pip install -q --no-deps --no-index --target $W/ortsite .device/w/$WHEEL
+  python3 -m pip install -q --no-deps --no-index --target $W/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs pyproject.toml $W/src/ && cp -r .device/tok $W/tok
   [ ! -d .device/gpu/old ] || cp -r .device/gpu/old $W/old
   setsid nohup bash docs/device/gpu_7b.sh "${2:-run}" > $W/log 2>&1 < /dev/null &
@@ -99,13 +100,13 @@ long)
   stamp "bench fpa"
   # the engine before the KV cache was bound once per batch (.device/gpu/old: runtime/engine.py, kv_cache.py of 7923721)
   cp -r $W/src $W/src-old && cp $W/old/*.py $W/src-old/runtime/
-  PYTHONPATH=/root/ortsite:/root/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old
+  PYTHONPATH=$W/ortsite:$W/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old
   stamp "all done"
   ;;
 wait)
   end=$((SECONDS + $2))
   until grep -q "all done" $W/log || [ $SECONDS -ge $end ] || ! pgrep -f "gpu_7b.sh (run|long)" > /dev/null; do sleep 10; done
-  tail -40 $W/log; df -h /root | tail -1; free -g | sed -n 2p
+  tail -40 $W/log; df -h $W | tail -1; free -g | sed -n 2p
   ;;
 collect)
   cp $W/log "$OUT/run.log"
