@@ -47,8 +47,9 @@ class GraphRunner:
             binding.bind_ortvalue_input(name, value)
             dims.update(zip(self.spec.inputs[name].shape, value.shape()))
         shapes = tuple(tuple(dims.get(d, d) for d in self.spec.outputs[name].shape) for name in self._outputs)
-        kept = self._kept.get(shapes) if dims.get("sequence", 1) == 1 else None  # decode: one new token per row
-        if kept is None and dims.get("sequence", 1) == 1:
+        decode = dims.get("sequence", 1) == 1  # one new token per row
+        kept = self._kept.get(shapes) if decode else None
+        if decode and kept is None:
             kept = self._kept[shapes] = [
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(self.spec.outputs[name].dtype), self._device, 0)
                 for name, shape in zip(self._outputs, shapes)
