@@ -18,7 +18,7 @@ def fuse_skip_norms(graph: onnx.GraphProto) -> int:
     activations qualifies (a residual), not one with a weight. Returns how many were fused."""
     weights = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    fused: dict[str, onnx.NodeProto] = {}  # the Add's name -> the fused node that replaces the pair
+    fused: dict[str, onnx.NodeProto | None] = {}  # the Add's name -> the fused node; the norm's name -> None (dropped)
     for norm in graph.node:
         add = producer.get(norm.input[0]) if norm.op_type == "SimplifiedLayerNormalization" else None
         if add is None or add.op_type != "Add" or any(x in weights for x in add.input) or add.name in fused:

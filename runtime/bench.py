@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import TandemError
+from runtime.manifest import load_manifest
 from runtime.roofline import bytes_per_token, memory_bandwidth
 
 CONTEXT = 4096  # the KV cache a peer with a preallocated one is given (tandem's is the artifact's capacity)
@@ -200,10 +201,10 @@ def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int,
               "results": results, "skipped": skipped}
     ours = next((r for r in results if r["system"] == "tandem"), None)
     if ours and ours["label"] == "CPU":  # the host's memory bounds decode only where the graphs run on the host
-        bandwidth = memory_bandwidth(threads)
+        bandwidth, manifest = memory_bandwidth(threads), load_manifest(artifact, check_files=False)
         report["memory_bandwidth_bytes_per_s"] = bandwidth
         for row in ours["rows"]:
-            row["decode_bound_tokens_per_s"] = bandwidth / bytes_per_token(artifact, row["prompt_tokens"])
+            row["decode_bound_tokens_per_s"] = bandwidth / bytes_per_token(manifest, row["prompt_tokens"])
     return report
 
 

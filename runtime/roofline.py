@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Manifest
 
 
 def memory_bandwidth(threads: int = 0, size: int = 1 << 28, repeats: int = 5) -> float:
@@ -31,10 +31,9 @@ def memory_bandwidth(threads: int = 0, size: int = 1 << 28, repeats: int = 5) ->
     return data.nbytes / best
 
 
-def bytes_per_token(directory: Path | str, context: int) -> int:
+def bytes_per_token(manifest: Manifest, context: int) -> int:
     """Bytes one decode step reads at `context` tokens: every graph file but the embedding's (a step reads one
     row of its table), and the K and V of every layer so far."""
-    manifest: Manifest = load_manifest(directory)
     weights = sum(f.size for f in manifest.files if f.path.startswith("graphs/") and not Path(f.path).name.startswith("embed."))
     kv = manifest.kv_cache
     cache = 2 * kv.layers * kv.kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize * context
