@@ -182,8 +182,9 @@ def _gptq(w: np.ndarray, gptq: GPTQFactor, bits: int, block_size: int, symmetric
 
     Each block's scale and zero point come from _fit on the block as GPTQ has updated it so far; then its
     columns are rounded in turn, each error divided by u's diagonal and subtracted from the remaining columns
-    through u (the lazy-batch form of the paper). The loop runs over K with W held as [K, n], so every step
-    touches contiguous rows.
+    through u. The paper's lazy batches, in two levels: rank-1 updates reach the rest of the quantization
+    block, one product per block the rest of the LAZY rows, one per LAZY rows the rest of W. The loop runs
+    over K with W held as [K, n], so every step touches contiguous rows.
     """
     k, n = w.shape
     levels = 2**bits - 1
@@ -198,16 +199,18 @@ def _gptq(w: np.ndarray, gptq: GPTQFactor, bits: int, block_size: int, symmetric
         end = min(start + lazy, k)
         chunk = w[start:end].copy()
         errors = np.zeros_like(chunk)
-        for i in range(end - start):
-            row = start + i
-            if row % block_size == 0:
-                b = row // block_size
-                _, scale, zp = _fit(chunk[i : i + block_size].T[:, None, :], gptq.importance[None, row : row + block_size], bits, symmetric)
-                scales[b], zps[b] = scale[:, 0], zp[:, 0]
-            qi = np.clip(np.round(chunk[i] / scales[b] + zps[b]), 0, levels)
-            q[row] = qi
-            errors[i] = (chunk[i] - (qi - zps[b]) * scales[b]) / u[row, row]
-            chunk[i:] -= u[row, row:end, None] * errors[i][None, :]
+        for first in range(start, end, block_size):  # one quantization block: rank-1 updates inside it only
+            last = min(first + block_size, end)
+            b = first // block_size
+            _, scale, zp = _fit(chunk[first - start : last - start].T[:, None, :], gptq.importance[None, first:last], bits, symmetric)
+            scales[b], zps[b] = scale[:, 0], zp[:, 0]
+            for row in range(first, last):
+                i = row - start
+                qi = np.clip(np.round(chunk[i] / scales[b] + zps[b]), 0, levels)
+                q[row] = qi
+                errors[i] = (chunk[i] - (qi - zps[b]) * scales[b]) / u[row, row]
+                chunk[i + 1 : last - start] -= u[row, row + 1 : last, None] * errors[i][None, :]
+            chunk[last - start :] -= u[first:last, last:end].T @ errors[first - start : last - start]
         w[end:] -= u[start:end, end:].T @ errors
     return q.T.reshape(n, blocks, block_size), scales.T, zps.T
 

@@ -98,15 +98,36 @@ def statistics(
         for sample in samples:
             for name, value in zip(wanted, session.run(wanted, sample)):
                 flat = value.reshape(-1, value.shape[-1])
-                stat = flat.T @ flat if kind == "gram" else np.abs(flat).max(0)
-                if name not in stats:
-                    stats[name] = stat
-                elif kind == "gram":
-                    stats[name] += stat
+                if kind == "gram":
+                    stats[name] = _add_gram(stats.get(name), flat)
+                elif name not in stats:
+                    stats[name] = np.abs(flat).max(0)
                 else:
-                    np.maximum(stats[name], stat, out=stats[name])
+                    np.maximum(stats[name], np.abs(flat).max(0), out=stats[name])
                 rows[name] += flat.shape[0]
     if kind == "gram":
-        for name, stat in stats.items():
-            stat /= rows[name]  # in place: a 7B's down projection input makes a 1.4 GB matrix
+        stats = {name: _symmetric(stat, rows[name]) for name, stat in stats.items()}
     return stats
+
+
+def _add_gram(acc: np.ndarray | None, flat: np.ndarray) -> np.ndarray:
+    """acc + flat^T flat by BLAS syrk, which computes one triangle (half a matrix product's work; numpy's
+    `flat.T @ flat` took 3.3x as long for a 7B down projection's input) into acc in place. Fortran order,
+    the upper triangle filled."""
+    from scipy.linalg.blas import ssyrk
+
+    if acc is None:  # syrk's own output takes 5x as long as accumulating into zeros
+        acc = np.zeros((flat.shape[1],) * 2, np.float32, order="F")
+    return ssyrk(1.0, flat, beta=1.0, c=acc, trans=1, lower=0, overwrite_c=1)
+
+
+def _symmetric(upper: np.ndarray, rows: int, band: int = 1024) -> np.ndarray:
+    """The full mean gram matrix, C order, in the memory of syrk's Fortran-order upper triangle (whose C-order
+    view has the lower triangle): mirrored a band of rows at a time, not through a K x K copy."""
+    m = upper.T
+    m /= rows
+    for i in range(0, len(m), band):
+        m[i : i + band, i + band :] = m[i + band :, i : i + band].T
+        block = m[i : i + band, i : i + band]
+        block[np.triu_indices(len(block), 1)] = block.T[np.triu_indices(len(block), 1)]
+    return m
