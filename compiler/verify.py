@@ -22,7 +22,7 @@ from compiler.recipe import Recipe, VerifySpec
 from compiler.reference import SequenceLogits, block_reference, sequence_logits
 from compiler.source import ModelSource
 from runtime import manifest as names
-from runtime.engine import Engine, GraphRunner, rope_values, step_values
+from runtime.engine import Engine, GraphRunner, StepInputs, rope_values
 from runtime.kv_cache import KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
 from runtime.providers import Placement, session_options
@@ -126,12 +126,11 @@ def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarr
     session = ort.InferenceSession(str(directory / spec.file), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     runner = GraphRunner(spec, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)
-    rope = rope_values(directory, spec if names.COS_CACHE in spec.inputs else None)
+    inputs = StepInputs(cache, rope_values(directory, spec if names.COS_CACHE in spec.inputs else None), {})
     first = names.INPUT_IDS if names.INPUT_IDS in spec.inputs else names.HIDDEN
     outputs = []
     for start, stop in ((0, PREFIX), (PREFIX, PREFIX + SUFFIX)):
-        values = step_values(cache, 0, 1, stop - start, rope, np.arange(stop - start)[None])
-        values[first] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x[:, start:stop], dtype=spec.inputs[first].dtype))
+        values = inputs(0, 1, first, x[:, start:stop].astype(spec.inputs[first].dtype), np.arange(stop - start)[None])
         runner.run(values)
         outputs.append(values[names.LOGITS if names.LOGITS in spec.outputs else names.HIDDEN].numpy().astype(np.float32))
         cache.update(0, stop - start)

@@ -243,11 +243,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"model     {m.model.num_layers} layers, hidden {m.model.hidden_size}, heads {m.model.num_heads}/{m.model.num_kv_heads} kv, vocab {m.model.vocab_size}")
     print(f"context   {m.kv_cache.capacity} tokens, prefill chunk {m.prefill_chunk}")
     print("roles     " + "; ".join(f"{role}: {' > '.join(p.name for p in spec.providers)}" for role, spec in m.roles.items()))
-    print(f"{'graph':<28} {'role':<5} {'requested':<10} {'resolved':<9} {'MB':>8}  note")
+    print(f"{'graph':<28} {'role':<5} {'requested':<10} {'resolved':<12} {'MB':>8}  note")
     for g, place in zip(m.graphs, engine.placements):
         mb = sum(size for path, size in sizes.items() if path.startswith(g.file)) / 1e6
         note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
-        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {place.provider:<9} {mb:>8.1f}  {note}")
+        resolved = place.provider + (" graphs" if place.captures_graphs else "")  # CUDA graphs replay decode steps
+        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {resolved:<12} {mb:>8.1f}  {note}")
     resolved = sorted({p.provider for p in engine.placements})
     print(f"total     {sum(sizes.values()) / 1e6:.1f} MB; graphs run on: {', '.join(resolved)}")
 

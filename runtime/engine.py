@@ -22,9 +22,11 @@ class GraphRunner:
     """A graph's session; binds its inputs by name from the step's values and carries its outputs on.
 
     Outputs stay on the device of the graph's EP, where the next graph (usually on the same EP) reads them;
-    logits always come back to the host, for sampling. The KV cache is bound once per batch of slots (its
-    addresses do not change), so a step binds only its few small inputs; a decode step's outputs go into
-    buffers made on its first run and kept (per batch size), so a step allocates nothing."""
+    logits come back to the host, for sampling. The KV cache is bound once per batch of slots (its addresses do
+    not change), so a step binds only its few small inputs; a decode step's outputs go into buffers made on its
+    first run and kept (per batch size), so a step allocates nothing. With CUDA graphs every address a decode
+    step binds is therefore the same at each step of a batch: the step is captured once per batch and replayed
+    (prefill chunks, whose shapes vary, run without)."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
@@ -36,6 +38,8 @@ class GraphRunner:
         self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
         self._bindings: dict[CacheView | None, ort.IOBinding] = {}
         self._kept: dict[tuple, list[ort.OrtValue]] = {}
+        self._replays: dict[tuple, ort.RunOptions] = {}  # CUDA graphs: run options naming each batch's graph
+        self._unrecorded = _graph_id(-1)
         self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
@@ -50,8 +54,10 @@ class GraphRunner:
         decode = dims.get("sequence", 1) == 1  # one new token per row
         kept = self._kept.get(shapes) if decode else None
         if decode and kept is None:
+            # a captured graph writes where it wrote when captured, logits included: they stay on its device
+            device = self.placement.device if self.placement.captures_graphs else self._device
             kept = self._kept[shapes] = [
-                ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(self.spec.outputs[name].dtype), self._device, 0)
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(self.spec.outputs[name].dtype), device, 0)
                 for name, shape in zip(self._outputs, shapes)
             ]
         for i, name in enumerate(self._outputs):
@@ -59,12 +65,22 @@ class GraphRunner:
                 binding.bind_ortvalue_output(name, kept[i])
             else:
                 binding.bind_output(name, self._device)
+        options = self._run_options(batch, shapes) if decode else self._unrecorded
         start = time.perf_counter()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         self.seconds += time.perf_counter() - start
         outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
         for name, value in zip(self._outputs, outputs):
             values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+
+    def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
+        """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
+        first time it sees an id, and replays it after)."""
+        if not self.placement.captures_graphs:
+            return None
+        if (batch, shapes) not in self._replays:
+            self._replays[batch, shapes] = _graph_id(len(self._replays) + 1)
+        return self._replays[batch, shapes]
 
     def _bind_cache(self, batch: CacheView | None, values: dict[str, ort.OrtValue | CacheView]) -> ort.IOBinding:
         """A binding with this batch's KV cache views bound: past_* inputs, and present_* outputs in the same memory."""
@@ -87,6 +103,12 @@ class GraphRunner:
         return value
 
 
+def _graph_id(graph: int) -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph))  # -1: run without capturing or replaying
+    return options
+
+
 def _tensor(array: np.ndarray, device: str = "cpu") -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
@@ -99,19 +121,46 @@ def rope_values(directory: Path, spec: GraphSpec | None, device: str = "cpu") ->
     return {names.COS_CACHE: _tensor(cos, device), names.SIN_CACHE: _tensor(sin, device)}
 
 
-def step_values(
-    cache: KVCache, start: int, stop: int, count: int, rope: dict[str, ort.OrtValue], logits_index: np.ndarray
-) -> dict[str, ort.OrtValue | CacheView]:
-    """The inputs every graph of a step may read, for `count` new tokens in each slot of the batch [start, stop)
-    and logits at logits_index [rows, k] (positions within the new tokens)."""
-    total = cache.lengths[start:stop] + count
-    return {
-        names.SEQLENS_K: _tensor((total - 1).astype(np.int32), cache.device),
-        names.TOTAL_SEQUENCE_LENGTH: _tensor(np.array(total.max(), dtype=np.int32)),  # read on the host by every EP
-        names.LOGITS_INDEX: _tensor(np.ascontiguousarray(logits_index, dtype=np.int64)),
-        **rope,
-        **cache.bindings(start, stop),
-    }
+class StepInputs:
+    """The inputs every graph of a step may read: token ids (or hidden states), sequence lengths, logits positions,
+    RoPE tables and the batch's KV cache views. Each small input is made on the device of the first graph that
+    reads it; a decode step's (one token per row) are written into buffers kept per batch, whose addresses a
+    captured CUDA graph reads again at every replay.
+
+    captured: the attention graphs capture CUDA graphs. GroupQueryAttention reads total_sequence_length on the
+    host and sizes its kernels' work split by it, which a capture fixes: a decode step then gives the cache
+    capacity, the same at every step (as ORT GenAI does), and the rows' lengths reach the kernels in seqlens_k."""
+
+    def __init__(self, cache: KVCache, rope: dict[str, ort.OrtValue], devices: dict[str, str], captured: bool = False) -> None:
+        self.cache = cache
+        self.rope = rope
+        self.devices = {**devices, names.TOTAL_SEQUENCE_LENGTH: "cpu"}  # read on the host by every EP
+        self.captured = captured
+        self._kept: dict[tuple[int, int, str], dict[str, ort.OrtValue]] = {}
+
+    def __call__(
+        self, start: int, stop: int, first: str, x: np.ndarray, logits_index: np.ndarray
+    ) -> dict[str, ort.OrtValue | CacheView]:
+        """Slots [start, stop) as one batch, `first` (input_ids or hidden) x [rows, count, ...] appended to each,
+        and logits at logits_index [rows, k] (positions within the new tokens)."""
+        decode = x.shape[1] == 1
+        total = self.cache.lengths[start:stop] + x.shape[1]
+        small = {
+            first: x,
+            names.SEQLENS_K: (total - 1).astype(np.int32),
+            names.TOTAL_SEQUENCE_LENGTH: np.array(self.cache.capacity if decode and self.captured else total.max(), dtype=np.int32),
+            names.LOGITS_INDEX: np.ascontiguousarray(logits_index, dtype=np.int64),
+        }
+        kept = self._kept.get((start, stop, first)) if decode else None
+        if kept is None:
+            # copies: a host OrtValue keeps the array it is made from as its memory, which update_inplace writes
+            kept = {name: _tensor(np.array(a, order="C"), self.devices.get(name, "cpu")) for name, a in small.items()}
+            if decode:
+                self._kept[start, stop, first] = kept
+        else:
+            for name, array in small.items():
+                kept[name].update_inplace(np.ascontiguousarray(array))
+        return {**kept, **self.rope, **self.cache.bindings(start, stop)}
 
 
 class Engine:
@@ -132,6 +181,11 @@ class Engine:
         device = attention.placement.device if attention else "cpu"
         self.rope = rope_values(self.directory, attention.spec if attention else None, device)
         self.cache = KVCache(self.manifest.kv_cache, slots, device)
+        devices: dict[str, str] = {}
+        for graph in reversed(self.graphs):  # the first graph reading an input decides where it is made
+            devices.update(dict.fromkeys(graph.spec.inputs, graph.placement.device))
+        attending = [g.placement.captures_graphs for g in self.graphs if names.TOTAL_SEQUENCE_LENGTH in g.spec.inputs]
+        self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending))
 
     @property
     def placements(self) -> list[Placement]:
@@ -200,11 +254,10 @@ class Engine:
 
     def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
-        values = step_values(self.cache, start, stop, ids.shape[1], self.rope, logits_index)
-        values[names.INPUT_IDS] = _tensor(ids)
+        values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
         for graph in self.graphs:
             graph.run(values)
-        return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer is the next step's too
+        return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

@@ -24,10 +24,16 @@ class Placement:
     requested: list[str]
     provider: str
     skipped: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)  # the provider options of the chain entry that took it
 
     @property
     def fell_back(self) -> bool:
-        return self.provider != self.requested[0]
+        return bool(self.skipped)
+
+    @property
+    def captures_graphs(self) -> bool:
+        """CUDA graphs (the CUDA EP option enable_cuda_graph): a decode step is captured once per batch and replayed."""
+        return self.provider == "CUDA" and self.options.get("enable_cuda_graph") == "1"
 
     @property
     def device(self) -> str:
@@ -103,13 +109,14 @@ def create_session(
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
-        providers = [(spec.ort_name, dict(spec.options))]
+        options = {key: str(int(value) if isinstance(value, bool) else value) for key, value in spec.options.items()}
+        providers = [(spec.ort_name, options)]
         try:
             session = ort.InferenceSession(str(path), session_options(threads, spec.ort_name), providers=providers)
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {str(e).strip().splitlines()[0][:200]}")
             continue
-        placement.provider = spec.name
+        placement.provider, placement.options = spec.name, options
         if placement.fell_back:
             log.warning("graph %s (role %s): %s -> runs on %s", graph, role, "; ".join(placement.skipped), spec.name)
         return session, placement

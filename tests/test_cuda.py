@@ -1,0 +1,62 @@
+"""CUDA graphs, on the lent GPU machine (skipped where onnxruntime has no CUDA EP): decode steps captured once per
+batch and replayed give the logits of the same steps run without capture, with prefill chunks run in between."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from tests.conftest import RECIPE, write_recipe
+
+pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs the CUDA EP")
+RTN = {"scheme": "int4", "block_size": 32, "symmetric": False, "gptq": False}
+GRAPHS = {"name": "CUDA", "options": {"enable_cuda_graph": 1}}
+
+
+@pytest.fixture(scope="module")
+def cuda_artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """The tiny model as the CUDA recipe builds it, with CUDA graphs; and a copy whose chain has none."""
+    from compiler.build import compile_recipe
+
+    root = tmp_path_factory.mktemp("cuda")
+    recipe = write_recipe(
+        root, name="cuda", dtype="float16", fuse=True, roles={"igpu": {"providers": [GRAPHS, "CUDA", "CPU"]}},
+        placement=dict.fromkeys(RECIPE["placement"], "igpu"),
+        quantization={"attention": RTN, "ffn": RTN, "lm_head": {**RTN, "scheme": "int8"}, "embedding": RTN},
+    )
+    graphs = compile_recipe(recipe, model=str(checkpoint), out=root / "graphs", show_progress=False)
+    plain = root / "plain"
+    shutil.copytree(graphs, plain)
+    manifest = yaml.safe_load((plain / "manifest.yaml").read_text())
+    manifest["roles"]["igpu"]["providers"] = manifest["roles"]["igpu"]["providers"][1:]
+    (plain / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return {"graphs": graphs, "plain": plain}
+
+
+def decode(directory: Path) -> list[np.ndarray]:
+    """Greedy steps: two slots decoding as one batch, then slot 1 prefilled again while slot 0 waits, then each
+    slot alone (batches of one: graphs of their own)."""
+    from runtime.engine import Engine
+
+    engine = Engine(directory, slots=2)
+    prompts = [[5, 17, 42, 8, 99, 3, 61, 7, 12, 30, 2], [77, 4, 19]]
+    steps = [np.stack([engine.forward(slot, p) for slot, p in enumerate(prompts)])]
+    for _ in range(6):
+        steps.append(engine.extend([0, 1], [[int(t)] for t in steps[-1].argmax(-1)]))
+    engine.reset(1)
+    steps.append(engine.forward(1, prompts[0])[None])
+    for slot in (0, 1, 0, 1):
+        steps.append(engine.extend([slot], [[int(steps[-1][0].argmax())]]))
+    assert [p.captures_graphs for p in engine.placements] == [directory.name == "graphs"] * len(engine.placements)
+    return steps
+
+
+def test_replayed_graphs_match_plain_runs(cuda_artifacts):
+    captured, plain = decode(cuda_artifacts["graphs"]), decode(cuda_artifacts["plain"])
+    for step, (a, b) in enumerate(zip(captured, plain)):
+        assert np.array_equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
+        np.testing.assert_allclose(a, b, atol=2e-2, err_msg=f"step {step}")
