@@ -245,7 +245,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("roles     " + "; ".join(f"{role}: {' > '.join(p.name for p in spec.providers)}" for role, spec in m.roles.items()))
     print(f"{'graph':<28} {'role':<5} {'requested':<10} {'resolved':<12} {'MB':>8}  note")
     for g, place in zip(m.graphs, engine.placements):
-        mb = sum(size for path, size in sizes.items() if path.startswith(g.file)) / 1e6
+        parts = (g.file, *(f"{Path(g.file).parent.as_posix()}/{block}.onnx" for block in g.blocks))  # a linked graph reads its blocks' data files
+        mb = sum(size for path, size in sizes.items() if path.startswith(parts)) / 1e6
         note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
         resolved = place.provider + (" graphs" if place.captures_graphs else "")  # CUDA graphs replay decode steps
         print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {resolved:<12} {mb:>8.1f}  {note}")

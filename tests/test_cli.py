@@ -17,6 +17,15 @@ def test_info_shows_requested_and_resolved(artifacts, capsys):
     assert "graphs run on: CPU" in out
 
 
+def test_info_counts_a_linked_graphs_weights(artifacts, capsys):
+    """A fused graph reads its blocks' data files: its size is theirs, most of the artifact."""
+    assert main(["info", str(artifacts["fused"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    graph = next(line for line in lines if line.startswith("embed-to-head"))
+    total = next(line for line in lines if line.startswith("total"))
+    assert float(graph.split()[4]) > 0.5 * float(total.split()[1])
+
+
 def test_generate_greedy(artifacts):
     argv = ["generate", str(artifacts["fused"]), "--prompt", "def fib", "--chat", "--max-tokens", "8", "--temperature", "0", "--stats"]
     first, second = tandem(*argv), tandem(*argv)  # each its own process: generate shares one thread pool process-wide

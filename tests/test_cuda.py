@@ -27,6 +27,9 @@ def cuda_artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
         root, name="cuda", dtype="float16", fuse=True, roles={"igpu": {"providers": [GRAPHS, "CUDA", "CPU"]}},
         placement=dict.fromkeys(RECIPE["placement"], "igpu"),
         quantization={"attention": RTN, "ffn": RTN, "lm_head": {**RTN, "scheme": "int8"}, "embedding": RTN},
+        # int4 and float16 on a 64-wide model: verify reports its errors against torch, this test compares the runs
+        verify={**RECIPE["verify"], "graph_max_rel_error": 10.0, "logits_max_abs_error": 100.0, "greedy_agreement": 0.0,
+                "max_perplexity_delta": 100.0},
     )
     graphs = compile_recipe(recipe, model=str(checkpoint), out=root / "graphs", show_progress=False)
     plain = root / "plain"

