@@ -36,11 +36,20 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     manifest = load_manifest(directory)
     spec = Recipe.model_validate(manifest.recipe).verify
     graphs = verify_graphs(directory, manifest, source, show_progress)
-    tokenizer, engine, reference = Tokenizer.from_dir(directory), Engine(directory), sequence_logits(source)
-    chain = verify_chain(directory, manifest, tokenizer, engine, reference, spec, show_progress)
+    tokenizer = Tokenizer.from_dir(directory)
     count = spec.eval_windows if eval_windows is None else eval_windows
-    fidelity = verify_fidelity(tokenizer, engine, reference, count, spec.eval_window, show_progress) if count else None
-    del engine, reference
+    texts = windows(tokenizer, "evaluation", spec.eval_window, count) if count else []
+    # our side first, then the reference's: the engine and the torch reference are never in memory together
+    # (for a 7B each takes gigabytes; verify held both at 11.9 GB)
+    engine = Engine(directory)
+    runs = greedy_runs(directory, manifest, tokenizer, engine, spec, show_progress)
+    ours = dict(zip(map(tuple, texts), map(engine_logits(engine), progress(texts, show_progress, "evaluating"))))
+    del engine
+    reference = sequence_logits(source)
+    chain = verify_chain(tokenizer, runs, reference)
+    fidelity = {"windows": count, "window": spec.eval_window,
+                **evaluate(texts, reference(texts), lambda tokens: ours.pop(tuple(tokens)))} if count else None
+    del reference
     failures = [
         f"graph {g['graph']}: max relative error {g['max_rel_error']:.3g} > {spec.graph_max_rel_error:g}"
         for g in graphs if g["max_rel_error"] > spec.graph_max_rel_error
@@ -65,15 +74,6 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
         "runtime_peak_rss_bytes": runtime_peak_rss(directory),
         "failures": failures,
     }
-
-
-def verify_fidelity(
-    tokenizer: Tokenizer, engine: Engine, reference: SequenceLogits, count: int, window: int, show_progress: bool
-) -> dict[str, Any]:
-    """Perplexity, top-1 agreement and KL vs the fp32 transformers reference on held-out text (compiler.evaltext)."""
-    texts = windows(tokenizer, "evaluation", window, count)
-    result = evaluate(list(progress(texts, show_progress, "evaluating")), reference(texts), engine_logits(engine))
-    return {"windows": count, "window": window, **result}
 
 
 def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
@@ -147,13 +147,13 @@ def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -
     return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
 
 
-def verify_chain(
-    directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, reference: SequenceLogits,
-    spec: VerifySpec, show_progress: bool,
-) -> list[dict[str, Any]]:
-    """Our greedy continuation of each prompt, then the reference's logits over prompt + continuation in one pass
-    (teacher forcing): up to the first token where the reference's argmax parts from ours both saw the same
-    prefix, so agreement and logit errors are those of two greedy runs, and a 7B reference runs once."""
+Run = tuple[str, list[int], list[int], list[np.ndarray]]  # prompt, its ids, our greedy tokens, our logits at each
+
+
+def greedy_runs(
+    directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, spec: VerifySpec, show_progress: bool
+) -> list[Run]:
+    """Our greedy continuation of each verify prompt, with the logits of every step."""
     generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
     eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
     runs = []
@@ -161,6 +161,13 @@ def verify_chain(
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
         engine.reset(0)
         runs.append((prompt, ids, *_greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)))
+    return runs
+
+
+def verify_chain(tokenizer: Tokenizer, runs: list[Run], reference: SequenceLogits) -> list[dict[str, Any]]:
+    """The reference's logits over each prompt + our continuation in one pass (teacher forcing): up to the first
+    token where the reference's argmax parts from ours both saw the same prefix, so agreement and logit errors
+    are those of two greedy runs, and a 7B reference runs once."""
     results = []
     for (prompt, ids, ours, our_logits), logits in zip(runs, reference([ids + ours[:-1] for _, ids, ours, _ in runs])):
         theirs = logits[len(ids) - 1 :]
