@@ -40,7 +40,7 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     count = spec.eval_windows if eval_windows is None else eval_windows
     texts = windows(tokenizer, "evaluation", spec.eval_window, count) if count else []
     # our side first, then the reference's: the engine and the torch reference are never in memory together
-    # (for a 7B each takes gigabytes; verify held both at 11.9 GB)
+    # (for a 7B each takes gigabytes; verify held both at 14.4 GB)
     engine = Engine(directory)
     runs = greedy_runs(directory, manifest, tokenizer, engine, spec, show_progress)
     ours = dict(zip(map(tuple, texts), map(engine_logits(engine), progress(texts, show_progress, "evaluating"))))
