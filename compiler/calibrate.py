@@ -129,5 +129,6 @@ def _symmetric(upper: np.ndarray, rows: int, band: int = 1024) -> np.ndarray:
     for i in range(0, len(m), band):
         m[i : i + band, i + band :] = m[i + band :, i : i + band].T
         block = m[i : i + band, i : i + band]
-        block[np.triu_indices(len(block), 1)] = block.T[np.triu_indices(len(block), 1)]
+        upper = np.triu_indices(len(block), 1)
+        block[upper] = block.T[upper]
     return m

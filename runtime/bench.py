@@ -48,7 +48,7 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
 
     share_threads(threads)  # this process makes no other sessions
     engine = Engine(directory, slots=1, threads=threads)
-    providers = sorted({p.provider + (" graphs" if p.captures_graphs else "") for p in engine.placements})
+    providers = sorted({p.resolved for p in engine.placements})
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
     EXTRA["time_by_graph_kind_s"] = lambda: _by_kind(engine)
     return (

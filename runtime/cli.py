@@ -248,8 +248,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         parts = (g.file, *(f"{Path(g.file).parent.as_posix()}/{block}.onnx" for block in g.blocks))  # a linked graph reads its blocks' data files
         mb = sum(size for path, size in sizes.items() if path.startswith(parts)) / 1e6
         note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
-        resolved = place.provider + (" graphs" if place.captures_graphs else "")  # CUDA graphs replay decode steps
-        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {resolved:<12} {mb:>8.1f}  {note}")
+        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {place.resolved:<12} {mb:>8.1f}  {note}")
     resolved = sorted({p.provider for p in engine.placements})
     print(f"total     {sum(sizes.values()) / 1e6:.1f} MB; graphs run on: {', '.join(resolved)}")
 

@@ -31,6 +31,11 @@ class Placement:
         return bool(self.skipped)
 
     @property
+    def resolved(self) -> str:
+        """The EP as reports name it: `CUDA graphs` where decode steps replay captured graphs."""
+        return self.provider + (" graphs" if self.captures_graphs else "")
+
+    @property
     def captures_graphs(self) -> bool:
         """CUDA graphs (the CUDA EP option enable_cuda_graph): a decode step is captured once per batch and replayed."""
         return self.provider == "CUDA" and self.options.get("enable_cuda_graph") == "1"
