@@ -27,6 +27,7 @@ HIDDEN = "hidden"
 HIDDEN_NEXT = "hidden_next"
 LOGITS = "logits"
 LOGITS_INDEX = "logits_index"
+NEXT_TOKENS = "next_tokens"  # the argmax of the logits, computed where the head runs: greedy decoding reads only these
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 COS_CACHE = "cos_cache"
@@ -64,9 +65,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Setting = str | int | float | bool
+
+
 class ProviderSpec(Strict):
+    """One entry of a role's chain: the EP, its provider options, and session config entries for the sessions it
+    takes (ORT reads some kernel choices only from these, e.g. the CUDA EP's `ep.cuda.fpa_intb_gemm`)."""
+
     name: str
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    options: dict[str, Setting] = Field(default_factory=dict)
+    session: dict[str, Setting] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

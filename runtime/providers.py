@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.errors import TandemError
-from runtime.manifest import RoleSpec
+from runtime.manifest import RoleSpec, Setting
 
 log = logging.getLogger("tandem")
 
@@ -104,6 +104,11 @@ def session_options(threads: int, provider: str) -> ort.SessionOptions:
     return options
 
 
+def _strings(settings: dict[str, Setting]) -> dict[str, str]:
+    """ORT takes option values as strings; a bool is 1 or 0."""
+    return {key: str(int(value) if isinstance(value, bool) else value) for key, value in settings.items()}
+
+
 def create_session(
     graph: str, path: Path, role: str, chain: RoleSpec, threads: int
 ) -> tuple[ort.InferenceSession, Placement]:
@@ -114,10 +119,12 @@ def create_session(
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
-        options = {key: str(int(value) if isinstance(value, bool) else value) for key, value in spec.options.items()}
-        providers = [(spec.ort_name, options)]
+        options = _strings(spec.options)
+        settings = session_options(threads, spec.ort_name)
+        for key, value in _strings(spec.session).items():
+            settings.add_session_config_entry(key, value)
         try:
-            session = ort.InferenceSession(str(path), session_options(threads, spec.ort_name), providers=providers)
+            session = ort.InferenceSession(str(path), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {str(e).strip().splitlines()[0][:200]}")
             continue

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.providers import session_options
+from runtime.manifest import RoleSpec
+from runtime.providers import create_session, session_options
 
 
 def test_cpu_qdq_matmul_is_the_exact_quantized_arithmetic():
@@ -39,3 +41,18 @@ def test_cpu_qdq_matmul_is_the_exact_quantized_arithmetic():
     x_q = np.clip(np.round(x / x_scale) + x_zero, 0, 255)
     expected = ((x_q - x_zero) * x_scale) @ (w_q.astype(np.float32) * w_scale)
     assert np.abs(y - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_a_chain_entry_applies_its_session_config_entries_to_its_own_sessions(tmp_path):
+    """Session config entries belong to one chain entry: here the first asks ORT to read the file in its ORT
+    format, which an ONNX file is not, so that entry is passed over and the next one (without it) takes the graph."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    chain = RoleSpec(providers=[{"name": "CPU", "session": {"session.load_model_format": "ORT"}}, "CPU"])
+    session, placement = create_session("relu", path, "cpu", chain, 1)
+    assert placement.provider == "CPU" and len(placement.skipped) == 1 and placement.skipped[0].startswith("CPU: ")
+    assert session.run(None, {"x": np.array([-1, 2], np.float32)})[0].tolist() == [0, 2]

@@ -4,6 +4,11 @@
 #          transformers on the same card; first the CUDA-graph test on the tiny model (tests/test_cuda.py)
 #   cpu    the CPU recipe on the machine's CPU cores against ORT GenAI's CPU int4 build
 #   split  the split placement (attention on the CPU EP, FFN on CUDA), and the same artifact on the CPU cores alone
+#   fpa    ORT's fpA_intB (TensorRT-LLM) MatMulNBits kernels through the session entry ep.cuda.fpa_intb_gemm, with
+#          the int8 lm_head and with an int4 one, against the recipe as it was and ORT GenAI with and without CUDA graphs
+#   greedy greedy steps that read only the head's argmax ids, against the engine before them on the same artifact
+#          (.device/gpu/prev: runtime/ of 68977c9 with today's manifest.py, which reads a chain entry's `session`),
+#          with the int8 and an int4 lm_head, and ORT GenAI with CUDA graphs; first the CUDA tests on the tiny model
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 # Compiles are CPU work: a kind with more cores finishes them sooner, but `cpu` measures the cores it is given.
 #
@@ -73,6 +78,18 @@ yaml.safe_dump(m, open(path, "w"), sort_keys=False, width=120, default_flow_styl
 PY
 }
 
+# genai_graphs: $W/genai-cuda-graphs, ORT GenAI's CUDA build with CUDA graphs switched on in its config (a linked copy)
+genai_graphs() {
+  cp -al $W/genai-cuda $W/genai-cuda-graphs && rm $W/genai-cuda-graphs/genai_config.json
+  python3 - $W/genai-cuda/genai_config.json $W/genai-cuda-graphs/genai_config.json <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+for entry in config["model"]["decoder"]["session_options"]["provider_options"]:
+    entry.get("cuda", {})["enable_cuda_graph"] = "1"
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
+}
+
 case "$1" in
 start)
   shift
@@ -82,6 +99,7 @@ start)
   python3 -m pip install -q --no-deps --no-index --target $W/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs tests pyproject.toml $W/src/ && cp -r .device/tok $W/tok
   [ ! -d .device/gpu/old ] || cp -r .device/gpu/old $W/old
+  [ ! -d .device/gpu/prev ] || cp -r .device/gpu/prev $W/prev
   setsid nohup bash docs/device/gpu_7b.sh stages "${@:-run}" > $W/log 2>&1 < /dev/null &
   sleep 20; cat $W/log
   ;;
@@ -123,6 +141,41 @@ split)
   retarget split split-cpu 'for role in roles.values(): role["providers"] = [{"name": "CPU", "options": {}}]'
   python3 -m compiler.cli bench $W/split-cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --out $W/bench-split-cpu
   stamp "bench split on the CPU"
+  ;;
+fpa)
+  cd $W/src
+  checkpoint
+  genai_build cuda; genai=$!
+  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  sed 's/lm_head: {scheme: int8/lm_head: {scheme: int4/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-h4.yaml
+  compile $W/cuda-h4.yaml cuda-h4
+  wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
+  fpa='roles["igpu"]["providers"][0]["session"] = {"ep.cuda.fpa_intb_gemm": "1"}'
+  retarget cuda cuda-fpa "$fpa"; retarget cuda-h4 cuda-h4-fpa "$fpa"
+  genai_graphs
+  python3 -m compiler.cli info $W/cuda-h4-fpa > $W/info-cuda-h4-fpa.txt; head -8 $W/info-cuda-h4-fpa.txt
+  python3 -m compiler.cli bench $W/cuda-h4-fpa --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-fpa --peer tandem:$W/cuda-h4 --peer tandem:$W/cuda \
+    --peer genai:$W/genai-cuda-graphs --peer genai:$W/genai-cuda --out $W/bench-fpa
+  stamp "bench fpa"
+  ;;
+greedy)
+  cd $W/src
+  { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda tests"
+  checkpoint
+  genai_build cuda; genai=$!
+  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  sed 's/lm_head: {scheme: int8/lm_head: {scheme: int4/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-h4.yaml
+  compile $W/cuda-h4.yaml cuda-h4
+  wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
+  genai_graphs
+  python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-h4 --peer genai:$W/genai-cuda-graphs --out $W/bench-greedy
+  stamp "bench greedy"
+  cp -r $W/src $W/src-prev && rm -r $W/src-prev/runtime && cp -r $W/prev $W/src-prev/runtime
+  PYTHONPATH=$W/ortsite:$W/site:$W/src-prev python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 \
+    --new-tokens 128 --repeats 3 --out $W/bench-prev
+  stamp "bench prev"
   ;;
 long)
   # the CUDA recipe with a 32K KV cache: a 32000-token prompt through chunked prefill, and ORT's fpA_intB
