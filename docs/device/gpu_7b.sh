@@ -172,6 +172,8 @@ greedy)
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer tandem:$W/cuda-h4 --peer genai:$W/genai-cuda-graphs --out $W/bench-greedy
   stamp "bench greedy"
+  for target in "tandem $W/cuda" "tandem $W/cuda-h4" "genai $W/genai-cuda-graphs"; do
+    python3 docs/device/decode_profile.py $target 2>&1 | grep -v -i warn; done
   cp -r $W/src $W/src-prev && rm -r $W/src-prev/runtime && cp -r $W/prev $W/src-prev/runtime
   PYTHONPATH=$W/ortsite:$W/site:$W/src-prev python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 \
     --new-tokens 128 --repeats 3 --out $W/bench-prev
