@@ -8,7 +8,7 @@
 #          the int8 lm_head and with an int4 one, against the recipe as it was and ORT GenAI with and without CUDA graphs
 #   greedy greedy steps that read only the head's argmax ids, against the engine before them on the same artifact
 #          (.device/gpu/prev: runtime/ of 68977c9 with today's manifest.py, which reads a chain entry's `session`),
-#          with the int8 and an int4 lm_head, and ORT GenAI with CUDA graphs; first the CUDA tests on the tiny model
+#          and ORT GenAI with CUDA graphs, with a kernel profile of each; first the CUDA tests on the tiny model
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 # Compiles are CPU work: a kind with more cores finishes them sooner, but `cpu` measures the cores it is given.
 #
@@ -165,14 +165,12 @@ greedy)
   checkpoint
   genai_build cuda; genai=$!
   compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  sed 's/lm_head: {scheme: int8/lm_head: {scheme: int4/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-h4.yaml
-  compile $W/cuda-h4.yaml cuda-h4
   wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
   genai_graphs
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
-    --peer tandem:$W/cuda-h4 --peer genai:$W/genai-cuda-graphs --out $W/bench-greedy
+    --peer genai:$W/genai-cuda-graphs --out $W/bench-greedy
   stamp "bench greedy"
-  for target in "tandem $W/cuda" "tandem $W/cuda-h4" "genai $W/genai-cuda-graphs"; do
+  for target in "tandem $W/cuda" "genai $W/genai-cuda-graphs"; do
     python3 docs/device/decode_profile.py $target 2>&1 | grep -v -i warn; done
   cp -r $W/src $W/src-prev && rm -r $W/src-prev/runtime && cp -r $W/prev $W/src-prev/runtime
   PYTHONPATH=$W/ortsite:$W/site:$W/src-prev python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 \
