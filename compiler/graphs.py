@@ -152,10 +152,7 @@ def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig) -> onnx.ModelPro
         b.scope = block.name
         x = MAKERS[block.kind](b, w, cfg, block, x)
     if graph.blocks[-1].kind == "head":
-        logits = b.rename(x, names.LOGITS)
-        b.output(logits, TensorProto.FLOAT, ["batch", "positions", cfg.vocab_size])
-        b.op("ArgMax", [logits], [names.NEXT_TOKENS], axis=-1, keepdims=0)
-        b.output(names.NEXT_TOKENS, TensorProto.INT64, ["batch", "positions"])
+        b.output(b.rename(x, names.LOGITS), TensorProto.FLOAT, ["batch", "positions", cfg.vocab_size])
     else:
         b.output(b.rename(x, names.HIDDEN_NEXT), TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
     return b.model()

@@ -43,8 +43,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 def _cast_output(graph: onnx.GraphProto, output: onnx.ValueInfoProto) -> None:
     """Produce the output in float32 from its float16 value through a Cast."""
     half = f"{output.name}_float16"
-    producer = next(i for i, node in enumerate(graph.node) if output.name in node.output)
-    graph.node[producer].output[:] = [half if o == output.name else o for o in graph.node[producer].output]
-    # right after its producer: the output's readers inside the graph (the argmax) come later
-    graph.node.insert(producer + 1, helper.make_node("Cast", [half], [output.name], name=f"/{output.name}/Cast", to=FLOAT))
+    for node in graph.node:
+        node.output[:] = [half if o == output.name else o for o in node.output]
+    graph.node.append(helper.make_node("Cast", [half], [output.name], name=f"/{output.name}/Cast", to=FLOAT))
     output.type.tensor_type.elem_type = FLOAT

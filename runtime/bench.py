@@ -52,8 +52,8 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
     EXTRA["time_by_graph_kind_s"] = lambda: _by_kind(engine)
     return (
-        lambda ids: int(engine.forward(0, ids, greedy=True)),
-        lambda token: int(engine.forward(0, [token], greedy=True)),
+        lambda ids: int(np.argmax(engine.forward(0, ids))),
+        lambda token: int(np.argmax(engine.forward(0, [token]))),
         lambda: engine.reset(0),
     ), "+".join(providers)
 

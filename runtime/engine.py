@@ -202,11 +202,10 @@ class Engine:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def forward(self, slot: int, tokens: Sequence[int], all_logits: bool = False, greedy: bool = False) -> np.ndarray:
+    def forward(self, slot: int, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append tokens to the slot's sequence (chunked prefill, or one decode token).
 
-        Returns the logits of the last token [vocab], or with all_logits those of every token [len(tokens), vocab];
-        with greedy, their argmax token ids instead (a 0-d array for the last token), computed where the head runs.
+        Returns the logits of the last token [vocab], or with all_logits those of every token [len(tokens), vocab].
         """
         if not tokens:
             raise TandemError("no tokens to run")
@@ -214,13 +213,13 @@ class Engine:
         if length > self.capacity:
             raise TandemError(f"context of {length} tokens does not fit the KV cache capacity of {self.capacity}")
         chunk = self.manifest.prefill_chunk
-        logits = [self._step(slot, tokens[start : start + chunk], all_logits, greedy) for start in range(0, len(tokens), chunk)]
+        logits = [self._step(slot, tokens[start : start + chunk], all_logits) for start in range(0, len(tokens), chunk)]
         return np.concatenate(logits) if all_logits else logits[-1][-1]
 
-    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], greedy: bool = False) -> np.ndarray:
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
         """One step of several sequences at once: chunks[i] (decode tokens, or first prompt chunks) is appended to slots[i].
 
-        Returns each sequence's next-token logits [len(slots), vocab], or with greedy their argmax ids [len(slots)]. The batch is the run of slots [min, max];
+        Returns each sequence's next-token logits [len(slots), vocab]. The batch is the run of slots [min, max];
         shorter chunks are padded at their end to the longest, and rows of slots not in `slots` run padding only.
         Chunks of more than one token share a step only as the first chunks of empty slots.
         A row's padding K/V lands just past its length, where no later token attends and its next tokens overwrite it.
@@ -242,27 +241,23 @@ class Engine:
                 raise TandemError("no tokens to run")
             ids[slot - start, : len(chunk)] = chunk
             last[slot - start, 0] = len(chunk) - 1
-        logits = self._run(start, stop, ids, last, greedy)
+        logits = self._run(start, stop, ids, last)
         for slot, chunk in zip(slots, chunks):
             self.cache.update(slot, len(chunk))
         return logits[[slot - start for slot in slots], 0]
 
-    def _step(self, slot: int, tokens: Sequence[int], all_logits: bool, greedy: bool) -> np.ndarray:
+    def _step(self, slot: int, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         positions = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
-        logits = self._run(slot, slot + 1, np.array([tokens], dtype=np.int64), np.array([positions]), greedy)[0]
+        logits = self._run(slot, slot + 1, np.array([tokens], dtype=np.int64), np.array([positions]))[0]
         self.cache.update(slot, len(tokens))
         return logits
 
-    def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray, greedy: bool) -> np.ndarray:
-        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab], or
-        with greedy their argmax [rows, k]: only those ids come back from a GPU (the logits of a 7B are 600 KB a row)."""
+    def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
         values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
         for graph in self.graphs:
             graph.run(values)
-        if greedy and names.NEXT_TOKENS not in values:  # an artifact whose head has no argmax output
-            return np.argmax(values[names.LOGITS].numpy(), axis=-1)
-        # copies: a decode step's output buffers (on the host) are the next step's too
-        return values[names.NEXT_TOKENS if greedy else names.LOGITS].numpy().copy()
+        return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

@@ -83,15 +83,9 @@ class Sequence:
         self._start = time.perf_counter()
         self._first = 0.0
 
-    @property
-    def greedy(self) -> bool:
-        """The next token is the logits' argmax and nothing else reads them: the engine need return only its id."""
-        return self._sampler.greedy and self._logprobs is None and self._constraint is None
-
     def accept(self, logits: np.ndarray) -> Chunk:
-        """Take the next token: sampled from its logits [vocab], or for a greedy sequence the engine's argmax (a 0-d
-        id) as it is; the chunk's finish_reason is set when the sequence ends."""
-        token = int(logits) if logits.ndim == 0 else self._sample(logits)
+        """Sample the next token from its logits [vocab]; the chunk's finish_reason is set when the sequence ends."""
+        token = self._sample(logits)
         now = time.perf_counter()
         if not self.stats.completion_tokens and not self._first:
             self.stats.ttft_s, self._first = now - self._start, now
@@ -222,10 +216,10 @@ class Generator:
         """Generate up to max_tokens after the prompt on one slot; the last chunk carries finish_reason and stats."""
         seq = self.sequence(prompt_ids, max_tokens, sampling, stop)
         self.engine.reset(slot)
-        logits = self.engine.forward(slot, seq.prompt_ids, greedy=seq.greedy)
+        logits = self.engine.forward(slot, seq.prompt_ids)
         while True:
             chunk = seq.accept(logits)
             yield chunk
             if chunk.finish_reason:
                 return
-            logits = self.engine.forward(slot, [chunk.token_id], greedy=seq.greedy)
+            logits = self.engine.forward(slot, [chunk.token_id])

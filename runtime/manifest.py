@@ -27,7 +27,6 @@ HIDDEN = "hidden"
 HIDDEN_NEXT = "hidden_next"
 LOGITS = "logits"
 LOGITS_INDEX = "logits_index"
-NEXT_TOKENS = "next_tokens"  # the argmax of the logits, computed where the head runs: greedy decoding reads only these
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 COS_CACHE = "cos_cache"

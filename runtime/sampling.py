@@ -44,16 +44,6 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)  # any int, as OpenAI takes
 
-    @property
-    def greedy(self) -> bool:
-        """The choice is the logits' argmax, whatever the history."""
-        return self.params.temperature == 0 and not self._penalized
-
-    @property
-    def _penalized(self) -> bool:
-        p = self.params
-        return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
-
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         scores = self._penalize(np.array(logits, dtype=np.float32), history)
@@ -84,7 +74,8 @@ class Sampler:
     def _penalize(self, scores: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """Applies the penalties in place to `scores`, which must be the sampler's own copy."""
         p = self.params
-        if not self._penalized or len(history) == 0:
+        penalized = p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+        if not penalized or len(history) == 0:
             return scores
         ids, counts = np.unique(np.asarray(history, dtype=np.int64), return_counts=True)
         seen = scores[ids]

@@ -111,7 +111,7 @@ class Scheduler:
         prefill = self._prefill_batch()
         if prefill:
             chunks = [r.sequence.prompt_ids[r.fed : r.fed + self.engine.manifest.prefill_chunk] for r in prefill]
-            logits = self._guarded(prefill, lambda: self.engine.extend([r.slot for r in prefill], chunks, _greedy(prefill)))
+            logits = self._guarded(prefill, lambda: self.engine.extend([r.slot for r in prefill], chunks))
             if logits is not None:
                 for request, chunk, row in zip(prefill, chunks, logits):
                     request.fed += len(chunk)
@@ -121,7 +121,7 @@ class Scheduler:
         batch = [r for r in self.running if r.next_token is not None and not r.cancelled]
         if batch:
             tokens = [[r.next_token] for r in batch]
-            logits = self._guarded(batch, lambda: self.engine.extend([r.slot for r in batch], tokens, _greedy(batch)))
+            logits = self._guarded(batch, lambda: self.engine.extend([r.slot for r in batch], tokens))
             if logits is not None:
                 for request, row in zip(batch, logits):
                     self._accept(request, row)
@@ -174,8 +174,3 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
             self.engine.reset(request.slot)
-
-
-def _greedy(requests: list[Request]) -> bool:
-    """Whether every sequence of a step takes the argmax: then the step returns token ids, not logits."""
-    return all(r.sequence.greedy for r in requests)

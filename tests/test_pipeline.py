@@ -277,19 +277,3 @@ def test_export_hf_round_trips(checkpoint, tmp_path):
     for name in source.tensor_names():
         np.testing.assert_array_equal(exported.tensor(name), source.tensor(name))
     assert exported.config == source.config
-
-
-def test_greedy_steps_return_the_argmax_the_head_computes(artifacts):
-    """Greedy decoding reads only the head's argmax ids: for one sequence and for a batch they are the argmax of
-    the logits the same steps return."""
-    for name, artifact in artifacts.items():
-        assert "next_tokens" in load_manifest(artifact).graphs[-1].outputs
-        ids, logits = Engine(artifact, slots=2), Engine(artifact, slots=2)
-        for engine in (ids, logits):
-            engine.forward(0, list(range(5, 40)))  # past a prefill chunk
-            engine.forward(1, [7, 8, 9])
-        for t in (11, 12, 13):
-            token = ids.forward(0, [t], greedy=True)
-            assert token.ndim == 0 and token == np.argmax(logits.forward(0, [t])), name
-            batch = ids.extend([0, 1], [[t], [t + 1]], greedy=True)
-            np.testing.assert_array_equal(batch, np.argmax(logits.extend([0, 1], [[t], [t + 1]]), axis=-1), err_msg=name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -19,9 +20,9 @@ def runner(kind: str, path: str):
 
         def run() -> None:
             engine.reset(0)
-            token = int(engine.forward(0, PROMPT, greedy=True))
+            token = int(np.argmax(engine.forward(0, PROMPT)))
             for _ in range(STEPS):
-                token = int(engine.forward(0, [token], greedy=True))
+                token = int(np.argmax(engine.forward(0, [token])))
 
         return run
     import onnxruntime_genai as og

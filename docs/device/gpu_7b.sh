@@ -6,9 +6,8 @@
 #   split  the split placement (attention on the CPU EP, FFN on CUDA), and the same artifact on the CPU cores alone
 #   fpa    ORT's fpA_intB (TensorRT-LLM) MatMulNBits kernels through the session entry ep.cuda.fpa_intb_gemm, with
 #          the int8 lm_head and with an int4 one, against the recipe as it was and ORT GenAI with and without CUDA graphs
-#   greedy greedy steps that read only the head's argmax ids, against the engine before them on the same artifact
-#          (.device/gpu/prev: runtime/ of 68977c9 with today's manifest.py, which reads a chain entry's `session`),
-#          and ORT GenAI with CUDA graphs, with a kernel profile of each; first the CUDA tests on the tiny model
+#   profile the CUDA recipe against ORT GenAI with CUDA graphs: bench, then a kernel profile of each
+#          (docs/device/decode_profile.py); first the CUDA tests on the tiny model
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 # Compiles are CPU work: a kind with more cores finishes them sooner, but `cpu` measures the cores it is given.
 #
@@ -99,7 +98,6 @@ start)
   python3 -m pip install -q --no-deps --no-index --target $W/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs tests pyproject.toml $W/src/ && cp -r .device/tok $W/tok
   [ ! -d .device/gpu/old ] || cp -r .device/gpu/old $W/old
-  [ ! -d .device/gpu/prev ] || cp -r .device/gpu/prev $W/prev
   setsid nohup bash docs/device/gpu_7b.sh stages "${@:-run}" > $W/log 2>&1 < /dev/null &
   sleep 20; cat $W/log
   ;;
@@ -159,7 +157,7 @@ fpa)
     --peer genai:$W/genai-cuda-graphs --peer genai:$W/genai-cuda --out $W/bench-fpa
   stamp "bench fpa"
   ;;
-greedy)
+profile)
   cd $W/src
   { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda tests"
   checkpoint
@@ -168,14 +166,11 @@ greedy)
   wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
   genai_graphs
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
-    --peer genai:$W/genai-cuda-graphs --out $W/bench-greedy
-  stamp "bench greedy"
+    --peer genai:$W/genai-cuda-graphs --out $W/bench-profile
+  stamp "bench"
   for target in "tandem $W/cuda" "genai $W/genai-cuda-graphs"; do
     python3 docs/device/decode_profile.py $target 2>&1 | grep -v -i warn; done
-  cp -r $W/src $W/src-prev && rm -r $W/src-prev/runtime && cp -r $W/prev $W/src-prev/runtime
-  PYTHONPATH=$W/ortsite:$W/site:$W/src-prev python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 \
-    --new-tokens 128 --repeats 3 --out $W/bench-prev
-  stamp "bench prev"
+  stamp "profiles"
   ;;
 long)
   # the CUDA recipe with a 32K KV cache: a 32000-token prompt through chunked prefill, and ORT's fpA_intB
