@@ -8,6 +8,9 @@
 #          the int8 lm_head and with an int4 one, against the recipe as it was and ORT GenAI with and without CUDA graphs
 #   profile the CUDA recipe against ORT GenAI with CUDA graphs: bench, then a kernel profile of each
 #          (docs/device/decode_profile.py); first the CUDA tests on the tiny model
+#   splitprof  where a split decode step goes, on a 4-layer checkpoint of the 7B's widths: the split recipe (attention
+#          on the CPU EP, FFN on CUDA) against the same graphs all on the CPU, with the shared pool at 16 and 4
+#          threads and with per-session pools without spinning (docs/device/split_profile.py)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 # Compiles are CPU work: a kind with more cores finishes them sooner, but `cpu` measures the cores it is given.
 #
@@ -34,10 +37,11 @@ TIME=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v" || true)
 
 stamp() { echo "[$(date +%T)] $*"; }
 
-# compile RECIPE NAME: build into $W/NAME; returns once the manifest is written (the verify pass is not waited for)
+# compile RECIPE NAME [CHECKPOINT]: build into $W/NAME; returns once the manifest is written (the verify pass is not
+# waited for)
 compile() {
-  local recipe=$1 name=$2 partial
-  $TIME python3 -m compiler.cli compile "$recipe" --model $W/q7b -o $W/build-$name --jobs $JOBS --quiet \
+  local recipe=$1 name=$2 model=${3:-$W/q7b} partial
+  $TIME python3 -m compiler.cli compile "$recipe" --model $model -o $W/build-$name --jobs $JOBS --quiet \
     > $W/compile-$name.log 2>&1 &
   local pid=$!
   until partial=$(ls -d $W/.build-$name.partial-*/manifest.yaml 2>/dev/null | head -1) && [ -n "$partial" ]; do
@@ -171,6 +175,17 @@ profile)
   for target in "tandem $W/cuda" "genai $W/genai-cuda-graphs"; do
     python3 docs/device/decode_profile.py $target 2>&1 | grep -v -i warn; done
   stamp "profiles"
+  ;;
+splitprof)
+  cd $W/src
+  python3 -c "import json; from compiler.checkpoint import load_config; c = load_config('qwen2.5-7b-instruct')[0]; \
+c['num_hidden_layers'] = 4; json.dump(c, open('$W/q7b4.json', 'w'))"
+  python3 -m compiler.cli make-checkpoint --config $W/q7b4.json --random-weights -o $W/q7b4 --tokenizer $W/tok --jobs "$CORES"
+  compile recipes/qwen2.5-7b-instruct.split.yaml split4 $W/q7b4
+  retarget split4 split4-cpu 'for role in roles.values(): role["providers"] = [{"name": "CPU", "options": {}}]'
+  for run in "split4 0" "split4-cpu 0" "split4 4" "split4-cpu 4" "split4 0 own" "split4-cpu 0 own"; do
+    set -- $run; python3 docs/device/split_profile.py $W/$1 ${2} ${3:-} 2>&1 | tail -1; done
+  stamp "split profile"
   ;;
 long)
   # the CUDA recipe with a 32K KV cache: a 32000-token prompt through chunked prefill, and ORT's fpA_intB
