@@ -24,7 +24,8 @@ class GraphRunner:
     Outputs stay on the device of the graph's EP, where the next graph (usually on the same EP) reads them;
     logits come back to the host, for sampling. The KV cache is bound once per batch of slots (its addresses do
     not change), so a step binds only its few small inputs; a decode step's outputs go into buffers made on its
-    first run and kept (per batch size), so a step allocates nothing. With CUDA graphs every address a decode
+    first run and kept (per batch size), so a step allocates nothing, and a decode step whose inputs are the
+    buffers the one before it bound (each small input and hidden state has one per batch) binds nothing at all. With CUDA graphs every address a decode
     step binds is therefore the same at each step of a batch: the step is captured once per batch and replayed
     (prefill chunks, whose shapes vary, run without)."""
 
@@ -38,6 +39,7 @@ class GraphRunner:
         self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
         self._bindings: dict[CacheView | None, ort.IOBinding] = {}
         self._kept: dict[tuple, list[ort.OrtValue]] = {}
+        self._last: dict[CacheView | None, tuple] = {}  # per batch: the inputs, kept outputs and options last bound
         self._replays: dict[tuple, ort.RunOptions] = {}  # CUDA graphs: run options naming each batch's graph
         self._unrecorded = _graph_id(-1)
         self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
@@ -45,9 +47,27 @@ class GraphRunner:
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         batch = values[self._cache[0]] if self._cache else None
         binding = self._bindings.get(batch) or self._bind_cache(batch, values)
+        inputs = [values[name] for name in self._inputs]
+        last = self._last.get(batch)
+        if last is not None and all(a is b for a, b in zip(last[0], inputs)):
+            kept, options = last[1], last[2]  # a decode step on the buffers bound last time: nothing to bind
+        else:
+            kept, options = self._bind(binding, batch, inputs)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding, options)
+        self.seconds += time.perf_counter() - start
+        outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
+        for name, value in zip(self._outputs, outputs):
+            values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+
+    def _bind(
+        self, binding: ort.IOBinding, batch: CacheView | None, inputs: list[ort.OrtValue]
+    ) -> tuple[list[ort.OrtValue] | None, ort.RunOptions | None]:
+        """Bind a step's inputs and outputs; a decode step's outputs go to its kept buffers. Returns those buffers
+        (None for a prefill chunk, whose outputs ORT allocates) and the run options."""
         dims: dict[str, int] = {}
-        for name in self._inputs:
-            value = self._reachable(values[name])
+        reachable = [self._reachable(value) for value in inputs]
+        for name, value in zip(self._inputs, reachable):
             binding.bind_ortvalue_input(name, value)
             dims.update(zip(self.spec.inputs[name].shape, value.shape()))
         shapes = tuple(tuple(dims.get(d, d) for d in self.spec.outputs[name].shape) for name in self._outputs)
@@ -66,12 +86,13 @@ class GraphRunner:
             else:
                 binding.bind_output(name, self._device)
         options = self._run_options(batch, shapes) if decode else self._unrecorded
-        start = time.perf_counter()
-        self.session.run_with_iobinding(binding, options)
-        self.seconds += time.perf_counter() - start
-        outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
-        for name, value in zip(self._outputs, outputs):
-            values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
+        # the next decode step on the same buffers runs on this binding as it is; not where an input was copied
+        # to the host here (its copy would be stale) or after a prefill chunk (which rebound it)
+        if decode and all(a is b for a, b in zip(inputs, reachable)):
+            self._last[batch] = (inputs, kept, options)
+        else:
+            self._last.pop(batch, None)
+        return kept, options
 
     def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
         """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
