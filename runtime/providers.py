@@ -124,10 +124,10 @@ def create_session(
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
         options = _strings(spec.options)
-        settings = session_options(threads, spec.ort_name)
-        for key, value in _strings(spec.session).items():
-            settings.add_session_config_entry(key, value)
         try:
+            settings = session_options(threads, spec.ort_name)
+            for key, value in _strings(spec.session).items():
+                settings.add_session_config_entry(key, value)
             session = ort.InferenceSession(str(path), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {str(e).strip().splitlines()[0][:200]}")
