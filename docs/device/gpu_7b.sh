@@ -81,6 +81,19 @@ yaml.safe_dump(m, open(path, "w"), sort_keys=False, width=120, default_flow_styl
 PY
 }
 
+# cuda_test: the CUDA tests on the tiny model (tests/test_cuda.py), from $W/src
+cuda_test() {
+  { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda tests"
+}
+
+# built EP RECIPE NAME: the checkpoint, then RECIPE compiled into $W/NAME while ORT GenAI's int4 build for EP runs
+built() {
+  checkpoint
+  genai_build $1; local genai=$!
+  compile $2 $3
+  wait $genai; stamp "genai $1 built"; rm -rf $W/genai-cache-$1
+}
+
 # genai_graphs: $W/genai-cuda-graphs, ORT GenAI's CUDA build with CUDA graphs switched on in its config (a linked copy)
 genai_graphs() {
   cp -al $W/genai-cuda $W/genai-cuda-graphs && rm $W/genai-cuda-graphs/genai_config.json
@@ -113,11 +126,8 @@ stages)
   ;;
 run)
   cd $W/src
-  { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda graph test"
-  checkpoint
-  genai_build cuda; genai=$!
-  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
+  cuda_test
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
   retarget cuda cuda-plain 'roles["igpu"]["providers"] = [p for p in roles["igpu"]["providers"] if not p["options"]]'
   python3 -m compiler.cli info $W/cuda > $W/info-cuda.txt; head -8 $W/info-cuda.txt
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
@@ -126,10 +136,7 @@ run)
   ;;
 cpu)
   cd $W/src
-  checkpoint
-  genai_build cpu; genai=$!
-  compile recipes/qwen2.5-7b-instruct.cpu.yaml cpu
-  wait $genai; stamp "genai cpu built"; rm -rf $W/genai-cache-cpu
+  built cpu recipes/qwen2.5-7b-instruct.cpu.yaml cpu
   python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --peer genai:$W/genai-cpu --out $W/bench-cpu
   stamp "bench cpu"
   ;;
@@ -146,12 +153,9 @@ split)
   ;;
 fpa)
   cd $W/src
-  checkpoint
-  genai_build cuda; genai=$!
-  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
   sed 's/lm_head: {scheme: int8/lm_head: {scheme: int4/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-h4.yaml
   compile $W/cuda-h4.yaml cuda-h4
-  wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
   fpa='roles["igpu"]["providers"][0]["session"] = {"ep.cuda.fpa_intb_gemm": "1"}'
   retarget cuda cuda-fpa "$fpa"; retarget cuda-h4 cuda-h4-fpa "$fpa"
   genai_graphs
@@ -163,11 +167,8 @@ fpa)
   ;;
 profile)
   cd $W/src
-  { python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 || true; } | tail -15; stamp "cuda tests"
-  checkpoint
-  genai_build cuda; genai=$!
-  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  wait $genai; stamp "genai built"; rm -rf $W/genai-cache-cuda
+  cuda_test
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
   genai_graphs
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer genai:$W/genai-cuda-graphs --out $W/bench-profile
