@@ -25,9 +25,9 @@ class GraphRunner:
     logits come back to the host, for sampling. The KV cache is bound once per batch of slots (its addresses do
     not change), so a step binds only its few small inputs; a decode step's outputs go into buffers made on its
     first run and kept (per batch size), so a step allocates nothing, and a decode step whose inputs are the
-    buffers the one before it bound (each small input and hidden state has one per batch) binds nothing at all. With CUDA graphs every address a decode
-    step binds is therefore the same at each step of a batch: the step is captured once per batch and replayed
-    (prefill chunks, whose shapes vary, run without)."""
+    buffers the one before it bound (each small input and hidden state has one per batch) binds nothing at all.
+    With CUDA graphs every address a decode step binds is therefore the same at each step of a batch: the step is
+    captured once per batch and replayed (prefill chunks, whose shapes vary, run without)."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
