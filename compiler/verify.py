@@ -5,6 +5,7 @@ import inspect
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -39,16 +40,21 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     tokenizer = Tokenizer.from_dir(directory)
     count = spec.eval_windows if eval_windows is None else eval_windows
     texts = windows(tokenizer, "evaluation", spec.eval_window, count) if count else []
+    prompts = encoded_prompts(spec, tokenizer, manifest)
     # our side first, then the reference's: the engine and the torch reference are never in memory together
-    # (for a 7B each takes gigabytes; verify held both at 14.4 GB)
-    engine = Engine(directory)
-    runs = greedy_runs(directory, manifest, tokenizer, engine, spec, show_progress)
-    ours = dict(zip(map(tuple, texts), map(engine_logits(engine), progress(texts, show_progress, "evaluating"))))
-    del engine
-    reference = sequence_logits(source)
-    chain = verify_chain(tokenizer, runs, reference)
-    fidelity = {"windows": count, "window": spec.eval_window,
-                **evaluate(texts, reference(texts), lambda tokens: ours.pop(tuple(tokens)))} if count else None
+    # (for a 7B each takes gigabytes; verify held both at 14.4 GB). Our windows' logits wait on disk (a 152K
+    # vocab makes them 1.25 GB for 4 x 512 tokens), and the KV cache holds only what verify runs.
+    longest = max([len(t) for t in texts] + [len(ids) + spec.new_tokens for _, ids in prompts])
+    with tempfile.TemporaryDirectory(prefix="tandem-verify-") as spill:
+        engine = Engine(directory, capacity=min(longest, manifest.kv_cache.capacity))
+        runs = greedy_runs(directory, prompts, engine, spec, show_progress)
+        ours = {tuple(t): _spilled(Path(spill) / f"{i}.npy", engine_logits(engine)(t))
+                for i, t in enumerate(progress(texts, show_progress, "evaluating"))}
+        del engine
+        reference = sequence_logits(source)
+        chain = verify_chain(tokenizer, runs, reference)
+        fidelity = {"windows": count, "window": spec.eval_window,
+                    **evaluate(texts, reference(texts), lambda tokens: np.load(ours[tuple(tokens)]))} if count else None
     del reference
     failures = [
         f"graph {g['graph']}: max relative error {g['max_rel_error']:.3g} > {spec.graph_max_rel_error:g}"
@@ -84,6 +90,11 @@ def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
         return engine.forward(0, tokens, all_logits=True)
 
     return logits
+
+
+def _spilled(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path
 
 
 def runtime_peak_rss(directory: Path) -> int:
@@ -150,15 +161,20 @@ def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -
 Run = tuple[str, list[int], list[int], list[np.ndarray]]  # prompt, its ids, our greedy tokens, our logits at each
 
 
+def encoded_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -> list[tuple[str, list[int]]]:
+    """Each verify prompt with its ids as a user message in the chat template."""
+    return [(prompt, tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}])))
+            for prompt in verify_prompts(spec, tokenizer, manifest)]
+
+
 def greedy_runs(
-    directory: Path, manifest: Manifest, tokenizer: Tokenizer, engine: Engine, spec: VerifySpec, show_progress: bool
+    directory: Path, prompts: list[tuple[str, list[int]]], engine: Engine, spec: VerifySpec, show_progress: bool
 ) -> list[Run]:
     """Our greedy continuation of each verify prompt, with the logits of every step."""
     generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
     eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
     runs = []
-    for prompt in progress(verify_prompts(spec, tokenizer, manifest), show_progress, "verifying chain"):
-        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    for prompt, ids in progress(prompts, show_progress, "verifying chain"):
         engine.reset(0)
         runs.append((prompt, ids, *_greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)))
     return runs

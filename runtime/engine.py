@@ -12,7 +12,7 @@ import onnxruntime as ort
 from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.kv_cache import CacheView, KVCache
-from runtime.manifest import GraphSpec, Manifest, load_manifest
+from runtime.manifest import GraphSpec, KVCacheSpec, Manifest, load_manifest
 from runtime.providers import Placement, create_session
 
 log = logging.getLogger("tandem")
@@ -184,10 +184,21 @@ class StepInputs:
         return {**kept, **self.rope, **self.cache.bindings(start, stop)}
 
 
+def _cache_spec(manifest: Manifest, capacity: int | None) -> KVCacheSpec:
+    """The artifact's KV cache, or one of fewer positions (the graphs take any capacity up to the compiled one)."""
+    spec = manifest.kv_cache
+    if capacity is None:
+        return spec
+    if not 0 < capacity <= spec.capacity:
+        raise TandemError(f"KV cache capacity {capacity}: must be 1 to the artifact's {spec.capacity}")
+    return spec.model_copy(update={"capacity": capacity})
+
+
 class Engine:
     """Runs token chunks of one sequence slot through the artifact's graphs; returns next-token logits."""
 
-    def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0) -> None:
+    def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0, capacity: int | None = None) -> None:
+        """capacity: KV cache positions per slot, at most the artifact's (default: the artifact's)."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
         self.graphs: list[GraphRunner] = []
@@ -201,7 +212,7 @@ class Engine:
         attention = next((g for g in self.graphs if names.COS_CACHE in g.spec.inputs), None)
         device = attention.placement.device if attention else "cpu"
         self.rope = rope_values(self.directory, attention.spec if attention else None, device)
-        self.cache = KVCache(self.manifest.kv_cache, slots, device)
+        self.cache = KVCache(_cache_spec(self.manifest, capacity), slots, device)
         devices: dict[str, str] = {}
         for graph in reversed(self.graphs):  # the first graph reading an input decides where it is made
             devices.update(dict.fromkeys(graph.spec.inputs, graph.placement.device))

@@ -77,6 +77,18 @@ def test_fused_and_split_give_the_same_logits_across_chunks(artifacts, checkpoin
         np.testing.assert_allclose(np.stack(got), expected[20:], atol=1e-4, err_msg=name)
 
 
+def test_a_smaller_kv_cache_gives_the_same_logits(artifacts):
+    """Engine(capacity=n): fewer positions per slot than compiled (verify sizes its cache so), the same graphs."""
+    tokens = [int(t) for t in np.random.default_rng(2).integers(3, 300, 12)]
+    full, small = Engine(artifacts["split"]), Engine(artifacts["split"], capacity=len(tokens))
+    np.testing.assert_allclose(small.forward(0, tokens, all_logits=True), full.forward(0, tokens, all_logits=True), atol=1e-5)
+    assert small.capacity == len(tokens) < full.capacity
+    with pytest.raises(TandemError, match="does not fit"):
+        small.forward(0, [1])
+    with pytest.raises(TandemError, match="capacity"):
+        Engine(artifacts["split"], capacity=full.capacity + 1)
+
+
 def test_slots_are_independent(artifacts):
     engine = Engine(artifacts["split"], slots=2)
     a, b = [5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42]
