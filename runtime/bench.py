@@ -61,7 +61,7 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
 def _by_kind(engine) -> dict[str, float]:
     """Seconds in graphs by what they hold: attention, ffn, embed, head, or the kinds a linked graph joins."""
     share: dict[str, float] = {}
-    for graph in engine.graphs:
+    for graph in engine.runners:
         kind = "+".join(sorted({block.split(".")[0] for block in graph.spec.blocks}))
         share[kind] = share.get(kind, 0.0) + graph.seconds
     return share

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]",
             file=sys.stderr,
         )
+        print(f"[{_placement_summary(gen.engine)}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -242,15 +244,30 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"source    {m.source.kind} {m.source.location}  sha256 {m.source.sha256[:16]}")
     print(f"model     {m.model.num_layers} layers, hidden {m.model.hidden_size}, heads {m.model.num_heads}/{m.model.num_kv_heads} kv, vocab {m.model.vocab_size}")
     print(f"context   {m.kv_cache.capacity} tokens, prefill chunk {m.prefill_chunk}")
-    print("roles     " + "; ".join(f"{role}: {' > '.join(p.name for p in spec.providers)}" for role, spec in m.roles.items()))
-    print(f"{'graph':<28} {'role':<5} {'requested':<10} {'resolved':<12} {'MB':>8}  note")
-    for g, place in zip(m.graphs, engine.placements):
+    print("roles     " + "; ".join(f"{role}: {_chains(spec)}" for role, spec in m.roles.items()))
+    print(f"{'graph':<28} {'role':<13} {'requested':<10} {'resolved':<12} {'MB':>8}  note")
+    for place in engine.placements:
+        g = m.graph(place.graph)
         parts = (g.file, *(f"{Path(g.file).parent.as_posix()}/{block}.onnx" for block in g.blocks))  # a linked graph reads its blocks' data files
         mb = sum(size for path, size in sizes.items() if path.startswith(parts)) / 1e6
         note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
-        print(f"{g.name:<28} {g.role:<5} {place.requested[0]:<10} {place.resolved:<12} {mb:>8.1f}  {note}")
+        role = f"{g.role} {place.phase}".strip()
+        print(f"{g.name:<28} {role:<13} {place.requested[0]:<10} {place.resolved:<12} {mb:>8.1f}  {note}")
     resolved = sorted({p.provider for p in engine.placements})
     print(f"total     {sum(sizes.values()) / 1e6:.1f} MB; graphs run on: {', '.join(resolved)}")
+
+
+def _placement_summary(engine) -> str:
+    """Where the graphs ran and the time in each EP: `graphs on CPU x57, OpenVINO (prefill) x28; time CPU 1.20 s, ...`."""
+    runs_on = Counter(p.resolved + (f" ({p.phase})" if p.phase else "") for p in engine.placements)
+    share = engine.time_share()
+    return (f"graphs on {', '.join(f'{ep} x{n}' for ep, n in runs_on.items())}; "
+            f"time {', '.join(f'{ep} {seconds:.2f} s' for ep, seconds in share.items())}")
+
+
+def _chains(role) -> str:
+    chain = " > ".join(p.name for p in role.providers)
+    return f"prefill {' > '.join(p.name for p in role.prefill)}, decode {chain}" if role.prefill else chain
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

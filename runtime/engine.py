@@ -184,6 +184,16 @@ class StepInputs:
         return {**kept, **self.rope, **self.cache.bindings(start, stop)}
 
 
+def _same_cache_device(decode: GraphRunner, prefill: GraphRunner) -> None:
+    """The KV cache lives on one device: a graph that attends must run both phases where it is."""
+    if any(name.startswith("past_") for name in decode.spec.inputs) and decode.placement.device != prefill.placement.device:
+        raise TandemError(
+            f"graph {decode.spec.name} reads the KV cache, which lives on one device, but its prefill runs on "
+            f"{prefill.placement.provider} ({prefill.placement.device}) and its decode on {decode.placement.provider} "
+            f"({decode.placement.device})"
+        )
+
+
 def _cache_spec(manifest: Manifest, capacity: int | None) -> KVCacheSpec:
     """The artifact's KV cache, or one of fewer positions (the graphs take any capacity up to the compiled one)."""
     spec = manifest.kv_cache
@@ -201,13 +211,19 @@ class Engine:
         """capacity: KV cache positions per slot, at most the artifact's (default: the artifact's)."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
-        self.graphs: list[GraphRunner] = []
+        self.graphs: list[GraphRunner] = []  # in schedule order: the runners of decode steps (of every step, mostly)
+        self.prefill: list[GraphRunner] = []  # and of prompt chunks: the same runner, or one from its role's prefill chain
         for name in self.manifest.schedule:
             spec = self.manifest.graph(name)
-            session, placement = create_session(
-                spec.name, self.directory / spec.file, spec.role, self.manifest.roles[spec.role], threads
+            role = self.manifest.roles[spec.role]
+            path = self.directory / spec.file
+            phase = "decode" if role.prefill else ""
+            self.graphs.append(GraphRunner(spec, *create_session(spec.name, path, spec.role, role.providers, threads, phase)))
+            self.prefill.append(
+                GraphRunner(spec, *create_session(spec.name, path, spec.role, role.prefill, threads, "prefill"))
+                if role.prefill else self.graphs[-1]
             )
-            self.graphs.append(GraphRunner(spec, session, placement))
+            _same_cache_device(self.graphs[-1], self.prefill[-1])
         # the cache and the RoPE tables live where the (first) attention graph runs
         attention = next((g for g in self.graphs if names.COS_CACHE in g.spec.inputs), None)
         device = attention.placement.device if attention else "cpu"
@@ -220,13 +236,18 @@ class Engine:
         self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending))
 
     @property
+    def runners(self) -> list[GraphRunner]:
+        """Every session's runner: each graph's, then the prefill runners of roles that have them."""
+        return self.graphs + [p for p, g in zip(self.prefill, self.graphs) if p is not g]
+
+    @property
     def placements(self) -> list[Placement]:
-        return [g.placement for g in self.graphs]
+        return [g.placement for g in self.runners]
 
     def time_share(self) -> dict[str, float]:
         """Seconds spent in each execution provider's graphs since the engine was made."""
         share: dict[str, float] = {}
-        for graph in self.graphs:
+        for graph in self.runners:
             share[graph.placement.provider] = share.get(graph.placement.provider, 0.0) + graph.seconds
         return share
 
@@ -287,7 +308,7 @@ class Engine:
     def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
         values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
-        for graph in self.graphs:
+        for graph in self.graphs if ids.shape[1] == 1 else self.prefill:
             graph.run(values)
         return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
 

@@ -88,11 +88,14 @@ class ProviderSpec(Strict):
 
 
 class RoleSpec(Strict):
-    """A role's execution-provider preference chain, best first."""
+    """A role's execution-provider preference chain, best first. With `prefill`, the role's graphs run prompt chunks
+    on a session of that chain and decode steps on one of `providers`: two sessions of the same graph file (the
+    weights once on disk), e.g. prefill on a matrix engine in bf16 and decode on int4 kernels that read fewer bytes."""
 
     providers: list[ProviderSpec] = Field(min_length=1)
+    prefill: list[ProviderSpec] = Field(default_factory=list)
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "prefill", mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, list):

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.errors import TandemError
-from runtime.manifest import RoleSpec, Setting
+from runtime.manifest import ProviderSpec, Setting
 
 log = logging.getLogger("tandem")
 
@@ -25,6 +25,7 @@ class Placement:
     provider: str
     skipped: list[str] = field(default_factory=list)
     options: dict[str, str] = field(default_factory=dict)  # the provider options of the chain entry that took it
+    phase: str = ""  # "prefill" or "decode" where the role gives prompt chunks a session of their own
 
     @property
     def fell_back(self) -> bool:
@@ -114,12 +115,12 @@ def _strings(settings: dict[str, Setting]) -> dict[str, str]:
 
 
 def create_session(
-    graph: str, path: Path, role: str, chain: RoleSpec, threads: int
+    graph: str, path: Path, role: str, chain: list[ProviderSpec], threads: int, phase: str = ""
 ) -> tuple[ort.InferenceSession, Placement]:
     """Create the session on the first EP of the chain that is available and accepts the graph."""
     available = set(ort.get_available_providers())
-    placement = Placement(graph, role, [p.name for p in chain.providers], provider="")
-    for spec in chain.providers:
+    placement = Placement(graph, role, [p.name for p in chain], provider="", phase=phase)
+    for spec in chain:
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
@@ -134,6 +135,7 @@ def create_session(
             continue
         placement.provider, placement.options = spec.name, options
         if placement.fell_back:
-            log.warning("graph %s (role %s): %s -> runs on %s", graph, role, "; ".join(placement.skipped), spec.name)
+            log.warning("graph %s (role %s%s): %s -> runs on %s", graph, role, f", {phase}" if phase else "",
+                        "; ".join(placement.skipped), spec.name)
         return session, placement
     raise TandemError(f"graph {graph} ({path.name}): no execution provider of role {role} can run it: {'; '.join(placement.skipped)}")

@@ -31,6 +31,7 @@ def test_generate_greedy(artifacts):
     first, second = tandem(*argv), tandem(*argv)  # each its own process: generate shares one thread pool process-wide
     assert first.stdout == second.stdout
     assert "prompt tokens" in first.stderr and "tok/s" in first.stderr
+    assert "[graphs on CPU x1; time CPU " in first.stderr  # the fused artifact: one graph
 
 
 def test_errors_are_one_line(tmp_path):

@@ -53,6 +53,6 @@ def test_a_chain_entry_applies_its_session_config_entries_to_its_own_sessions(tm
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     chain = RoleSpec(providers=[{"name": "CPU", "session": {"session.load_model_format": "ORT"}}, "CPU"])
-    session, placement = create_session("relu", path, "cpu", chain, 1)
+    session, placement = create_session("relu", path, "cpu", chain.providers, 1)
     assert placement.provider == "CPU" and len(placement.skipped) == 1 and placement.skipped[0].startswith("CPU: ")
     assert session.run(None, {"x": np.array([-1, 2], np.float32)})[0].tolist() == [0, 2]
