@@ -11,8 +11,8 @@ from tests.conftest import tandem
 def test_info_shows_requested_and_resolved(artifacts, capsys):
     assert main(["info", str(artifacts["split"])]) == 0
     out = capsys.readouterr().out
-    assert "attention.0                  npu   VitisAI    CPU" in out
-    assert "ffn.1                        igpu  MIGraphX   CPU" in out
+    assert "attention.0 npu VitisAI CPU" in " ".join(out.split())
+    assert "ffn.1 igpu MIGraphX CPU" in " ".join(out.split())
     assert "fallback: VitisAI: not in this onnxruntime build" in out
     assert "graphs run on: CPU" in out
 
