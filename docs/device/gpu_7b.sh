@@ -12,6 +12,9 @@
 #          on the CPU EP, FFN on CUDA) against the same graphs all on the CPU, with the shared pool at 16 and 4
 #          threads and with per-session pools without spinning (docs/device/split_profile.py)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
+#   ovcpu  the CPU cores alone: prefill on the OpenVINO EP in bf16, decode on the CPU EP's int4 kernels
+#          (qwen2.5-7b-instruct.cpu-bf16-prefill.yaml), against the same graphs on the CPU EP alone; needs
+#          onnxruntime-openvino's wheel (.device/ov.partN), not onnxruntime-gpu's
 # Compiles are CPU work: a kind with more cores finishes them sooner, but `cpu` measures the cores it is given.
 #
 # From the repository root here: ../shared/device/ortgpu-pieces.sh (.device/ortgpu.part00-04), the default
@@ -21,6 +24,7 @@
 # runtime/engine.py and kv_cache.py of 7923721). Then, calls back to back on one warm machine (an idle one goes
 # back after 30 s; one call carries at most 64 MiB):
 #   5 calls, carry [".device/ortgpu.partNN"]:  mkdir -p .device/w && mv .device/ortgpu.part* .device/w/
+#   (for ovcpu instead: onnxruntime-openvino 1.24.1's cp312 wheel split into .device/ov.part0-2, carried the same way)
 #   1 call, carry [".device/tok", ".device/gpu"]:  bash docs/device/gpu_7b.sh start run cpu
 #   bash docs/device/gpu_7b.sh wait 560      (until it prints "all done"; each call waits at most that long)
 #   bash docs/device/gpu_7b.sh collect       (reports and logs to $OUT)
@@ -30,12 +34,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)  # the repository's copy on the device; .device/ is git-ignored, so it stays
 W=$ROOT/.device/w7
 WHEEL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+OV_WHEEL=onnxruntime_openvino-1.24.1-cp312-cp312-manylinux_2_28_x86_64.whl
 export PYTHONPATH=$W/ortsite:$W/site:$W/src PYTHONUNBUFFERED=1
 CORES=$(nproc)
 JOBS=$(( $(free -g | awk '/Mem:/ {print $2}') / 5 )); JOBS=$(( JOBS < CORES - 2 ? JOBS : CORES - 2 ))  # ~4 GB a worker
 TIME=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v" || true)
 
 stamp() { echo "[$(date +%T)] $*"; }
+
+# ov CMD...: CMD with onnxruntime-openvino's onnxruntime in place of onnxruntime-gpu's
+ov() { PYTHONPATH=$W/ovsite:$W/site:$W/src "$@"; }
 
 # compile RECIPE NAME [CHECKPOINT]: build into $W/NAME; returns once the manifest is written (the verify pass is not
 # waited for)
@@ -109,9 +117,16 @@ PY
 case "$1" in
 start)
   shift
-  cat .device/w/ortgpu.part0* > .device/w/$WHEEL
-  echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  .device/w/$WHEEL" | sha256sum -c -
-  python3 -m pip install -q --no-deps --no-index --target $W/ortsite .device/w/$WHEEL
+  if ls .device/w/ortgpu.part0* > /dev/null 2>&1; then
+    cat .device/w/ortgpu.part0* > .device/w/$WHEEL
+    echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  .device/w/$WHEEL" | sha256sum -c -
+    python3 -m pip install -q --no-deps --no-index --target $W/ortsite .device/w/$WHEEL
+  fi
+  if ls .device/w/ov.part* > /dev/null 2>&1; then
+    cat .device/w/ov.part* > .device/w/$OV_WHEEL
+    echo "d617fac2f59a6ab5ea59a788c3e1592240a129642519aaeaa774761dfe35150e  .device/w/$OV_WHEEL" | sha256sum -c -
+    python3 -m pip install -q --no-deps --no-index --target $W/ovsite .device/w/$OV_WHEEL
+  fi
   python3 -m pip install -q --no-deps --no-index --target $W/site .device/gpu/*.whl
   mkdir -p $W/src && cp -r compiler runtime recipes docs tests pyproject.toml $W/src/ && cp -r .device/tok $W/tok
   [ ! -d .device/gpu/old ] || cp -r .device/gpu/old $W/old
@@ -203,6 +218,20 @@ long)
   cp -r $W/src $W/src-old && cp $W/old/*.py $W/src-old/runtime/
   PYTHONPATH=$W/ortsite:$W/site:$W/src-old python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-old
   stamp "bench old"
+  ;;
+ovcpu)
+  cd $W/src
+  echo "CPU: $(lscpu | sed -n 's/Model name: *//p'); $(grep -o -w 'amx_bf16\|amx_tile\|avx512_bf16\|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  checkpoint
+  compile recipes/qwen2.5-7b-instruct.cpu-bf16-prefill.yaml ovcpu
+  retarget ovcpu ovcpu-plain 'for role in roles.values(): role.pop("prefill", None)'
+  ov python3 -m compiler.cli info $W/ovcpu > $W/info-ovcpu.txt; head -12 $W/info-ovcpu.txt
+  ov python3 -m compiler.cli generate $W/ovcpu --prompt "Write a Python function to calculate fibonacci" --chat \
+    --max-tokens 16 --temperature 0 --stats 2>&1 | tail -3
+  ov python3 docs/device/phase_check.py $W/ovcpu $W/ovcpu-plain 1024 2>&1 | grep -v "^tandem:"
+  ov python3 -m compiler.cli bench $W/ovcpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 \
+    --peer tandem:$W/ovcpu-plain --out $W/bench-ovcpu
+  stamp "bench ovcpu"
   ;;
 wait)
   end=$((SECONDS + $2))
