@@ -43,18 +43,19 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     prompts = encoded_prompts(spec, tokenizer, manifest)
     # our side first, then the reference's: the engine and the torch reference are never in memory together
     # (for a 7B each takes gigabytes; verify held both at 14.4 GB). Our windows' logits wait on disk (a 152K
-    # vocab makes them 1.25 GB for 4 x 512 tokens), and the KV cache holds only what verify runs.
+    # vocab makes them 1.25 GB for 4 x 512 tokens), written a chunk at a time, and the KV cache holds only what
+    # verify runs.
     longest = max([len(t) for t in texts] + [len(ids) + spec.new_tokens for _, ids in prompts])
     with tempfile.TemporaryDirectory(prefix="tandem-verify-") as spill:
         engine = Engine(directory, capacity=min(longest, manifest.kv_cache.capacity))
         runs = greedy_runs(directory, prompts, engine, spec, show_progress)
-        ours = {tuple(t): _spilled(Path(spill) / f"{i}.npy", engine_logits(engine)(t))
+        ours = {tuple(t): spilled_logits(engine, t, Path(spill) / str(i))
                 for i, t in enumerate(progress(texts, show_progress, "evaluating"))}
         del engine
         reference = sequence_logits(source)
         chain = verify_chain(tokenizer, runs, reference)
-        fidelity = {"windows": count, "window": spec.eval_window,
-                    **evaluate(texts, reference(texts), lambda tokens: np.load(ours[tuple(tokens)]))} if count else None
+        candidate = lambda tokens: np.concatenate([np.load(f) for f in ours[tuple(tokens)]])  # noqa: E731
+        fidelity = {"windows": count, "window": spec.eval_window, **evaluate(texts, reference(texts), candidate)} if count else None
     del reference
     failures = [
         f"graph {g['graph']}: max relative error {g['max_rel_error']:.3g} > {spec.graph_max_rel_error:g}"
@@ -92,9 +93,16 @@ def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
     return logits
 
 
-def _spilled(path: Path, array: np.ndarray) -> Path:
-    np.save(path, array)
-    return path
+def spilled_logits(engine: Engine, tokens: list[int], prefix: Path) -> list[Path]:
+    """Logits at every position of a window from a fresh sequence in slot 0, written to disk a prefill chunk at a
+    time (prefix.0.npy, ...): memory holds one chunk's, not the window's."""
+    engine.reset(0)
+    chunk = engine.manifest.prefill_chunk
+    files = []
+    for start in range(0, len(tokens), chunk):
+        files.append(prefix.with_name(f"{prefix.name}.{len(files)}.npy"))
+        np.save(files[-1], engine.forward(0, tokens[start : start + chunk], all_logits=True))
+    return files
 
 
 def runtime_peak_rss(directory: Path) -> int:

@@ -79,7 +79,7 @@ genai_build() {
 retarget() {
   cp -al $W/$1 $W/$2
   python3 - "$W/$2/manifest.yaml" "$3" <<'PY'
-import os, sys, yaml
+import json, os, sys, yaml
 path, statement = sys.argv[1:3]
 m = yaml.safe_load(open(path))
 roles = m["roles"]
@@ -100,6 +100,15 @@ built() {
   genai_build $1; local genai=$!
   compile $2 $3
   wait $genai; stamp "genai $1 built"; rm -rf $W/genai-cache-$1
+}
+
+# ov_built: the checkpoint, the OpenVINO-prefill CPU recipe compiled into $W/ovcpu, and $W/ovcpu-plain, the same
+# graphs on the CPU EP alone (once)
+ov_built() {
+  [ -f $W/ovcpu-plain/manifest.yaml ] && return
+  checkpoint
+  compile recipes/qwen2.5-7b-instruct.cpu-bf16-prefill.yaml ovcpu
+  retarget ovcpu ovcpu-plain 'for role in roles.values(): role.pop("prefill", None)'
 }
 
 # genai_graphs: $W/genai-cuda-graphs, ORT GenAI's CUDA build with CUDA graphs switched on in its config (a linked copy)
@@ -222,9 +231,7 @@ long)
 ovcpu)
   cd $W/src
   echo "CPU: $(lscpu | sed -n 's/Model name: *//p'); $(grep -o -w 'amx_bf16\|amx_tile\|avx512_bf16\|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-  checkpoint
-  compile recipes/qwen2.5-7b-instruct.cpu-bf16-prefill.yaml ovcpu
-  retarget ovcpu ovcpu-plain 'for role in roles.values(): role.pop("prefill", None)'
+  ov_built
   ov python3 -m compiler.cli info $W/ovcpu > $W/info-ovcpu.txt; head -12 $W/info-ovcpu.txt
   ov python3 -m compiler.cli generate $W/ovcpu --prompt "Write a Python function to calculate fibonacci" --chat \
     --max-tokens 16 --temperature 0 --stats 2>&1 | tail -3
@@ -232,6 +239,28 @@ ovcpu)
   ov python3 -m compiler.cli bench $W/ovcpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 \
     --peer tandem:$W/ovcpu-plain --out $W/bench-ovcpu
   stamp "bench ovcpu"
+  ;;
+ovtune)
+  # the ovcpu artifact with OpenVINO prefilling the FFN graphs only, in chunks of 256 (OpenVINO keeps scratch
+  # memory per compiled graph, sized by the largest chunk it ran), without dynamic quantization; 3 repeats, so the
+  # median is a run after each prompt length's first (OpenVINO compiles each new input shape once)
+  cd $W/src
+  ov_built
+  retarget ovcpu ovffn256 'ffn = {"name": "OpenVINO", "options": {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}})}}
+roles["igpu"] = {"providers": [{"name": "CPU"}], "prefill": [ffn, {"name": "CPU"}]}
+roles["cpu"].pop("prefill")
+m["prefill_chunk"] = 256
+for g in m["graphs"]:
+    g["role"] = "igpu" if g["name"].startswith("ffn") else g["role"]'
+  ov python3 -m compiler.cli bench $W/ovffn256 --prompt-lengths 32,1024 --new-tokens 32 --repeats 3 \
+    --peer tandem:$W/ovcpu-plain --out $W/bench-ovtune
+  stamp "bench ovtune"
+  ;;
+ovffn)
+  # one FFN graph of the ovcpu artifact on the OpenVINO EP under several configs, against the CPU EP
+  cd $W/src
+  ov python3 docs/device/ov_ffn.py $W/ovcpu/graphs/ffn.0.onnx 2>&1 | grep -v -i warn
+  stamp "ov ffn"
   ;;
 wait)
   end=$((SECONDS + $2))
