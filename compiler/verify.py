@@ -36,6 +36,7 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     """Measure every graph, the whole chain and its fidelity on held-out text; `failures` lists what misses the recipe's tolerances."""
     manifest = load_manifest(directory)
     spec = Recipe.model_validate(manifest.recipe).verify
+    runtime_rss = runtime_peak_rss(directory)  # first: the process it waits in holds least now
     graphs = verify_graphs(directory, manifest, source, show_progress)
     tokenizer = Tokenizer.from_dir(directory)
     count = spec.eval_windows if eval_windows is None else eval_windows
@@ -78,7 +79,7 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
         "greedy_agreement": min(c["greedy_agreement"] for c in chain),
         "fidelity": fidelity,
         "size_bytes": sum(f.size for f in manifest.files),
-        "runtime_peak_rss_bytes": runtime_peak_rss(directory),
+        "runtime_peak_rss_bytes": runtime_rss,
         "failures": failures,
     }
 
