@@ -13,7 +13,7 @@ from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.kv_cache import CacheView, KVCache
 from runtime.manifest import GraphSpec, KVCacheSpec, Manifest, load_manifest
-from runtime.providers import Placement, create_session
+from runtime.providers import Placement, create_session, first_line
 
 log = logging.getLogger("tandem")
 
@@ -31,18 +31,22 @@ class GraphRunner:
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
-        self.session = session
-        self.placement = placement
         self._cache = [name for name in spec.inputs if name.startswith("past_")]
         self._inputs = [name for name in spec.inputs if name not in self._cache]
         self._outputs = [name for name in spec.outputs if names.past_of(name) is None]
-        self._device = "cpu" if names.LOGITS in spec.outputs else placement.device
+        self._unrecorded = _graph_id(-1)
+        self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
+        self.use(session, placement)
+
+    def use(self, session: ort.InferenceSession, placement: Placement) -> None:
+        """Run on this session from now on (a new one after its EP failed): nothing bound to the old one is kept."""
+        self.session = session
+        self.placement = placement
+        self._device = "cpu" if names.LOGITS in self.spec.outputs else placement.device
         self._bindings: dict[CacheView | None, ort.IOBinding] = {}
         self._kept: dict[tuple, list[ort.OrtValue]] = {}
         self._last: dict[CacheView | None, tuple] = {}  # per batch: the inputs, kept outputs and options last bound
         self._replays: dict[tuple, ort.RunOptions] = {}  # CUDA graphs: run options naming each batch's graph
-        self._unrecorded = _graph_id(-1)
-        self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         batch = values[self._cache[0]] if self._cache else None
@@ -210,6 +214,7 @@ class Engine:
     def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0, capacity: int | None = None) -> None:
         """capacity: KV cache positions per slot, at most the artifact's (default: the artifact's)."""
         self.directory = Path(directory)
+        self.threads = threads
         self.manifest: Manifest = load_manifest(self.directory)
         self.graphs: list[GraphRunner] = []  # in schedule order: the runners of decode steps (of every step, mostly)
         self.prefill: list[GraphRunner] = []  # and of prompt chunks: the same runner, or one from its role's prefill chain
@@ -309,8 +314,30 @@ class Engine:
         """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
         values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
         for graph in self.graphs if ids.shape[1] == 1 else self.prefill:
-            graph.run(values)
+            while True:
+                try:
+                    graph.run(values)
+                    break
+                except Exception as e:  # noqa: BLE001 - an EP failing while running: the rest of its chain takes over
+                    self._fall_back(graph, e)  # and the graph runs again on the same values
         return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
+
+    def _fall_back(self, graph: GraphRunner, error: Exception) -> None:
+        """Rebuild a graph whose EP failed while running on the next EP of its chain (the seed's NPU -> iGPU -> CPU).
+        The step goes on from that graph: the ones before it are done, and it rewrites the same cache positions."""
+        failed = graph.placement
+        role = self.manifest.roles[graph.spec.role]
+        chain = role.prefill if failed.phase == "prefill" else role.providers
+        reason = f"{failed.provider}: failed while running: {first_line(error)}"
+        if failed.index + 1 >= len(chain):
+            raise TandemError(f"graph {graph.spec.name} (role {graph.spec.role}): {reason}; no execution provider is left "
+                              "in its chain") from error
+        session, placement = create_session(graph.spec.name, self.directory / graph.spec.file, graph.spec.role, chain,
+                                            self.threads, failed.phase, failed.index + 1, [*failed.skipped, reason])
+        if graph._cache and placement.device != self.cache.device:
+            raise TandemError(f"graph {graph.spec.name}: {reason}; the next EP of its chain, {placement.provider}, runs "
+                              f"on {placement.device}, but the KV cache it reads is on {self.cache.device}") from error
+        graph.use(session, placement)  # create_session logged the warning, with the reason
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)

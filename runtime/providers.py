@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -26,6 +27,7 @@ class Placement:
     skipped: list[str] = field(default_factory=list)
     options: dict[str, str] = field(default_factory=dict)  # the provider options of the chain entry that took it
     phase: str = ""  # "prefill" or "decode" where the role gives prompt chunks a session of their own
+    index: int = 0  # the position in its chain of the entry that took it
 
     @property
     def fell_back(self) -> bool:
@@ -115,12 +117,14 @@ def _strings(settings: dict[str, Setting]) -> dict[str, str]:
 
 
 def create_session(
-    graph: str, path: Path, role: str, chain: list[ProviderSpec], threads: int, phase: str = ""
+    graph: str, path: Path, role: str, chain: list[ProviderSpec], threads: int, phase: str = "", start: int = 0,
+    skipped: Sequence[str] = (),
 ) -> tuple[ort.InferenceSession, Placement]:
-    """Create the session on the first EP of the chain that is available and accepts the graph."""
+    """Create the session on the first EP of the chain, from position `start`, that is available and accepts the
+    graph. `skipped`: why the entries before `start` were passed over (a fallback after one failed while running)."""
     available = set(ort.get_available_providers())
-    placement = Placement(graph, role, [p.name for p in chain], provider="", phase=phase)
-    for spec in chain:
+    placement = Placement(graph, role, [p.name for p in chain], provider="", skipped=list(skipped), phase=phase)
+    for index, spec in enumerate(chain[start:], start):
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
@@ -131,11 +135,15 @@ def create_session(
                 settings.add_session_config_entry(key, value)
             session = ort.InferenceSession(str(path), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
-            placement.skipped.append(f"{spec.name}: {str(e).strip().splitlines()[0][:200]}")
+            placement.skipped.append(f"{spec.name}: {first_line(e)}")
             continue
-        placement.provider, placement.options = spec.name, options
+        placement.provider, placement.options, placement.index = spec.name, options, index
         if placement.fell_back:
             log.warning("graph %s (role %s%s): %s -> runs on %s", graph, role, f", {phase}" if phase else "",
                         "; ".join(placement.skipped), spec.name)
         return session, placement
     raise TandemError(f"graph {graph} ({path.name}): no execution provider of role {role} can run it: {'; '.join(placement.skipped)}")
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Qwen2 checkpoints compiled through the real pipeline."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,15 @@ def chat_artifact(tmp_path_factory, checkpoint) -> Path:
     root = tmp_path_factory.mktemp("served")
     recipe = write_recipe(root, name="served", max_context=512, served_model_name=["tiny-chat"])
     return compile_recipe(recipe, model=str(checkpoint), out=root / "served", show_progress=False)
+
+
+def retarget(artifact: Path, out: Path, **roles: dict) -> Path:
+    """A copy of the artifact whose manifest gives the named roles new chains."""
+    copy = shutil.copytree(artifact, out)
+    manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
+    manifest["roles"].update(roles)
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return copy
 
 
 def tandem(*args: str) -> subprocess.CompletedProcess:

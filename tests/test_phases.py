@@ -3,11 +3,8 @@ its own, over one KV cache. Run here on what this onnxruntime build has (the Ope
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
@@ -15,18 +12,10 @@ import yaml
 from runtime.engine import Engine
 from runtime.errors import TandemError
 from runtime.generate import Generator
+from tests.conftest import retarget
 
 # OpenVINO in float32: where the CPU has bf16 units, OpenVINO computes in bf16 unless told otherwise
 OPENVINO = {"name": "OpenVINO", "options": {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "f32"}})}}
-
-
-def retarget(artifact: Path, out: Path, **roles: dict) -> Path:
-    """A copy of the artifact whose manifest gives the named roles new chains."""
-    copy = shutil.copytree(artifact, out)
-    manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
-    manifest["roles"].update(roles)
-    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return copy
 
 
 def test_prefill_chain_runs_prompt_chunks_and_gives_the_same_tokens(artifacts, tmp_path):
