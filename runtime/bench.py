@@ -51,6 +51,7 @@ def _ours(directory: str, threads: int) -> tuple[Runner, str]:
     providers = sorted({p.resolved for p in engine.placements})
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
     EXTRA["time_by_graph_kind_s"] = lambda: _by_kind(engine)
+    EXTRA["traffic"] = engine.traffic_report
     return (
         lambda ids: int(np.argmax(engine.forward(0, ids))),
         lambda token: int(np.argmax(engine.forward(0, [token]))),
@@ -242,6 +243,9 @@ def markdown(report: dict) -> str:
             if share := r.get(key):
                 total = sum(share.values()) or 1.0
                 lines.append(f"\n{r['system']}: time in graphs by {what}: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
+        if traffic := r.get("traffic"):
+            lines.append(f"\n{r['system']}: {traffic['cross_ep_hops_per_step']:.1f} cross-EP hops a step, "
+                         f"{traffic['bytes_moved_per_token'] / 1e3:.1f} kB a token moved between devices")
         if r["system"] != "tandem" and ours:
             same = sum(a == b for a, b in zip(ours, r["tokens"]))
             lines.append(f"\n{r['system']}: greedy reply to the first prompt equals tandem's in {same} of {len(ours)} tokens")

@@ -36,6 +36,7 @@ class GraphRunner:
         self._outputs = [name for name in spec.outputs if names.past_of(name) is None]
         self._unrecorded = _graph_id(-1)
         self.seconds = 0.0  # wall time in this graph's runs (ORT returns once the EP's work is done)
+        self.moved = 0  # bytes its runs took from, or gave to, another device than its EP's
         self.use(session, placement)
 
     def use(self, session: ort.InferenceSession, placement: Placement) -> None:
@@ -57,6 +58,7 @@ class GraphRunner:
             kept, options = last[1], last[2]  # a decode step on the buffers bound last time: nothing to bind
         else:
             kept, options = self._bind(binding, batch, inputs)
+        self.moved += self._crossing(inputs)
         start = time.perf_counter()
         self.session.run_with_iobinding(binding, options)
         self.seconds += time.perf_counter() - start
@@ -97,6 +99,10 @@ class GraphRunner:
         else:
             self._last.pop(batch, None)
         return kept, options
+
+    def _crossing(self, inputs: list[ort.OrtValue]) -> int:
+        """Bytes of this run's inputs on another device than its EP's (copied there by ORT or by _reachable)."""
+        return sum(v.tensor_size_in_bytes() for v in inputs if v.device_name().lower() != self.placement.device)
 
     def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
         """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
@@ -188,6 +194,11 @@ class StepInputs:
         return {**kept, **self.rope, **self.cache.bindings(start, stop)}
 
 
+def hops(providers: Sequence[str]) -> int:
+    """Hand-overs from one EP to another along a step's graphs."""
+    return sum(a != b for a, b in zip(providers, providers[1:]))
+
+
 def _same_cache_device(decode: GraphRunner, prefill: GraphRunner) -> None:
     """The KV cache lives on one device: a graph that attends must run both phases where it is."""
     if any(name.startswith("past_") for name in decode.spec.inputs) and decode.placement.device != prefill.placement.device:
@@ -239,6 +250,7 @@ class Engine:
             devices.update(dict.fromkeys(graph.spec.inputs, graph.placement.device))
         attending = [g.placement.captures_graphs for g in self.graphs if names.TOTAL_SEQUENCE_LENGTH in g.spec.inputs]
         self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending))
+        self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
 
     @property
     def runners(self) -> list[GraphRunner]:
@@ -255,6 +267,13 @@ class Engine:
         for graph in self.runners:
             share[graph.placement.provider] = share.get(graph.placement.provider, 0.0) + graph.seconds
         return share
+
+    def traffic_report(self) -> dict[str, float]:
+        """Cross-EP hops (consecutive graphs on different EPs) a step, and bytes moved between devices a token."""
+        steps, tokens = max(self.traffic["steps"], 1), max(self.traffic["tokens"], 1)
+        moved = self.traffic["logits_bytes"] + sum(g.moved for g in self.runners)
+        return {"steps": self.traffic["steps"], "tokens": self.traffic["tokens"],
+                "cross_ep_hops_per_step": self.traffic["hops"] / steps, "bytes_moved_per_token": moved / tokens}
 
     @property
     def capacity(self) -> int:
@@ -313,14 +332,21 @@ class Engine:
     def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
         values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
-        for graph in self.graphs if ids.shape[1] == 1 else self.prefill:
+        runners = self.graphs if ids.shape[1] == 1 else self.prefill
+        self.traffic["steps"] += 1
+        self.traffic["tokens"] += ids.size
+        self.traffic["hops"] += hops([g.placement.provider for g in runners])
+        for graph in runners:
             while True:
                 try:
                     graph.run(values)
                     break
                 except Exception as e:  # noqa: BLE001 - an EP failing while running: the rest of its chain takes over
                     self._fall_back(graph, e)  # and the graph runs again on the same values
-        return values[names.LOGITS].numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
+        logits = values[names.LOGITS]
+        if runners[-1].placement.device != "cpu":  # made on a device, read on the host (by ORT's copy or here)
+            self.traffic["logits_bytes"] += logits.tensor_size_in_bytes()
+        return logits.numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
 
     def _fall_back(self, graph: GraphRunner, error: Exception) -> None:
         """Rebuild a graph whose EP failed while running on the next EP of its chain (the seed's NPU -> iGPU -> CPU).

@@ -32,6 +32,7 @@ def test_generate_greedy(artifacts):
     assert first.stdout == second.stdout
     assert "prompt tokens" in first.stderr and "tok/s" in first.stderr
     assert "[graphs on CPU x1; time CPU " in first.stderr  # the fused artifact: one graph
+    assert "0.0 cross-EP hops a step, 0.0 kB a token between devices]" in first.stderr
 
 
 def test_errors_are_one_line(tmp_path):

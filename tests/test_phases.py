@@ -38,6 +38,17 @@ def test_prefill_chain_runs_prompt_chunks_and_gives_the_same_tokens(artifacts, t
     decode_only = Engine(phased)
     decode_only.forward(0, [5])
     assert all(r.seconds == 0 for r in decode_only.runners if r.placement.phase == "prefill")
+    # embed and attention stay on the CPU EP, so a prefill chunk on OpenVINO hands over at each graph after them
+    traffic = engine.traffic_report()
+    assert traffic["bytes_moved_per_token"] == 0  # host memory throughout
+    assert (traffic["cross_ep_hops_per_step"] > 0) == (prefill[0].provider == "OpenVINO")
+
+
+def test_hops_count_hand_overs_between_eps():
+    from runtime.engine import hops
+
+    assert hops(["CPU", "CPU"]) == 0 and hops([]) == 0
+    assert hops(["CPU", "OpenVINO", "CPU", "OpenVINO", "OpenVINO"]) == 3
 
 
 def test_prefill_somewhere_the_cache_is_not_is_refused():
