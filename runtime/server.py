@@ -176,8 +176,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        service.ready()
-        return JSONResponse({"status": "ok"})
+        """Ready, with where each graph runs (after any fallback: the EPs passed over, and why) and the traffic."""
+        engine = service.ready().engine
+        placement = [{"graph": p.graph, "role": p.role, "phase": p.phase or "all", "provider": p.resolved,
+                      "passed_over": p.skipped} for p in engine.placements]
+        return JSONResponse({"status": "ok", "placement": placement, "traffic": engine.traffic_report()})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -45,7 +45,12 @@ USER = [{"role": "user", "content": "def fibonacci(n):"}]
 
 def test_models_and_health(served, client):
     server, _ = served
-    assert server.request("GET", "/health")[0] == 200
+    status, _, body = server.request("GET", "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert {p["provider"] for p in health["placement"]} == {"CPU"} and health["placement"][0]["graph"] == "embed"
+    assert any(p["passed_over"] for p in health["placement"])  # the tiny recipe's NPU/iGPU chains fell back to the CPU
+    assert health["traffic"]["cross_ep_hops_per_step"] == 0
     models = client.models.list().data
     assert [m.id for m in models] == [NAME, "served"]
     assert models[0].model_extra["max_model_len"] == 512
