@@ -13,6 +13,9 @@ from pathlib import Path
 from runtime.errors import TandemError
 
 
+MAX_CONTEXT_HELP = "KV cache positions per sequence, fewer than the artifact's to save memory (default: the artifact's)"
+
+
 def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("artifact", type=Path)
@@ -37,6 +40,7 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+    p.add_argument("--max-context", type=int, default=None, help=MAX_CONTEXT_HELP)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413 (default 8 MiB)")
     p.add_argument("--max-messages", type=int, default=1024, help="chat messages (or completion prompts) per request")
     p.add_argument("--max-tokens", type=int, default=None, help="the most one request may generate (default: the context)")
@@ -94,6 +98,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+    p.add_argument("--max-context", type=int, default=None, help=MAX_CONTEXT_HELP)
 
 
 def _sampling(gen, args):
@@ -108,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from runtime.providers import share_threads
 
     share_threads(args.threads)
-    gen = Generator.load(args.artifact, threads=args.threads)
+    gen = Generator.load(args.artifact, threads=args.threads, capacity=args.max_context)
     ids = gen.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else gen.tokenizer.encode(args.prompt)
     for chunk in gen.stream(ids, args.max_tokens, _sampling(gen, args)):
         print(chunk.text, end="", flush=True)
@@ -128,7 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from runtime.providers import share_threads
 
     share_threads(args.threads)
-    gen = Generator.load(args.artifact, threads=args.threads)
+    gen = Generator.load(args.artifact, threads=args.threads, capacity=args.max_context)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("tandem chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -171,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = ServerConfig(
         args.artifact, args.served_model_name, args.api_key, args.max_num_seqs, args.max_waiting, args.threads,
-        args.max_body_bytes, args.max_messages, args.max_tokens,
+        args.max_body_bytes, args.max_messages, args.max_tokens, args.max_context,
     )
     share_threads(args.threads)
     service = Service(config, on_failure=stop)

@@ -165,9 +165,9 @@ class Generator:
     defaults: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, directory: Path | str, threads: int = 0, slots: int = 1) -> Generator:
+    def load(cls, directory: Path | str, threads: int = 0, slots: int = 1, capacity: int | None = None) -> Generator:
         directory = Path(directory)
-        engine = Engine(directory, slots=slots, threads=threads)
+        engine = Engine(directory, slots=slots, threads=threads, capacity=capacity)
         defaults = json.loads((directory / names.GENERATION_CONFIG).read_text())
         return cls(engine, Tokenizer.from_dir(directory), defaults)
 

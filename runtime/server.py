@@ -63,6 +63,7 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     max_messages: int = 1024  # chat messages, or prompts of one completions request
     max_tokens: int | None = None  # the most a request may generate; None: whatever fits the context
+    max_context: int | None = None  # KV cache positions per slot, at most the artifact's
 
 
 class Service:
@@ -86,7 +87,8 @@ class Service:
 
     def _load(self) -> None:
         try:
-            generator = Generator.load(self.config.artifact, threads=self.config.threads, slots=self.config.max_num_seqs)
+            generator = Generator.load(self.config.artifact, threads=self.config.threads, slots=self.config.max_num_seqs,
+                                       capacity=self.config.max_context)
         except Exception as e:  # noqa: BLE001 - reported as one line, then the server stops
             self._on_failure(str(e) if isinstance(e, TandemError) else f"{type(e).__name__}: {e}")
             return

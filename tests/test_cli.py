@@ -66,3 +66,9 @@ def test_runtime_imports_no_torch(artifacts):
     )
     proc = subprocess.run([sys.executable, "-c", code, str(artifacts["fused"])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_max_context_beyond_the_artifacts_is_one_line(artifacts):
+    argv = ["generate", str(artifacts["fused"]), "--prompt", "x", "--max-context", "1000"]
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: KV cache capacity 1000: must be 1 to the artifact's 96")

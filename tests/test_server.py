@@ -250,10 +250,15 @@ def test_binds_loopback_only_by_default(served):
 
 
 def test_limits_are_configurable(served):
-    """--max-body-bytes, --max-messages and --max-tokens, and a chunked body (no Content-Length) over the limit."""
-    server = ServerProcess(served[1], "--max-body-bytes", "2048", "--max-messages", "2", "--max-tokens", "8", "--threads", "1")
+    """--max-body-bytes, --max-messages, --max-tokens and --max-context (a smaller KV cache than the artifact's),
+    and a chunked body (no Content-Length) over the limit."""
+    server = ServerProcess(served[1], "--max-body-bytes", "2048", "--max-messages", "2", "--max-tokens", "8", "--threads", "1",
+                           "--max-context", "100")
     try:
+        models = json.loads(server.request("GET", "/v1/models")[2])["data"]
+        assert {m["max_model_len"] for m in models} == {100}
         for body, status, expected in [
+            ({"model": NAME, "messages": [{"role": "user", "content": "y " * 120}]}, 400, "maximum context length is 100 tokens"),
             ({"model": NAME, "messages": USER * 3}, 400, "messages has 3 entries, above this server's limit of 2"),
             ({"model": NAME, "prompt": ["a", "b", "c"]}, 400, "prompt has 3 entries"),
             ({"model": NAME, "messages": USER, "max_tokens": 9}, 400, "max_tokens is 9, above this server's limit of 8"),
