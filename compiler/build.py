@@ -20,7 +20,7 @@ from compiler.link import link
 from compiler.plan import GraphPlan, plan
 from compiler.precision import to_float16
 from compiler.progress import progress
-from compiler.quantize import graph_quantization, quantize
+from compiler.quantize import gptq_inputs, graph_quantization, quantize
 from compiler.recipe import Quantization, Recipe, load_recipe
 from compiler.source import ModelSource, open_source
 from runtime import manifest as names
@@ -128,12 +128,16 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
 BlockResult = tuple[dict[str, TensorSpec], dict[str, TensorSpec], dict[str, str]]  # inputs, outputs, quantization
 
 
-def finish_graph(file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str) -> BlockResult:
-    """Quantize a saved fp32 block graph and carry it to the artifact's dtype, in place."""
+def finish_graph(
+    file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str,
+    hessians: Path | None = None,
+) -> BlockResult:
+    """Quantize a saved fp32 block graph and carry it to the artifact's dtype, in place. hessians: a file of
+    GPTQ's statistics for it (_spill_hessians), read and removed here."""
     model = onnx.load(file, load_external_data=False)
     described = graph_quantization(model, quantization)
     if any(d != "fp32" for d in described.values()) or dtype != "float32":
-        model = quantize(model, quantization, calibration, file.parent)
+        model = quantize(model, quantization, calibration, _load_hessians(hessians), file.parent)
         if dtype == "float16":
             model = to_float16(model)
         _save(model, file)
@@ -145,6 +149,25 @@ def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quanti
     source = _open(location)
     _save(build_graph(unit, source.tensor, source.config), file)
     return finish_graph(file, quantization, None, dtype)
+
+
+def _spill_hessians(hessians: dict[str, np.ndarray], file: Path) -> Path | None:
+    """GPTQ's statistics wait on disk beside the block until its quantization runs (a 7B FFN's are 1.4 GB, and a
+    worker process would otherwise receive them pickled)."""
+    if not hessians:
+        return None
+    path = file.with_name(f".{file.stem}.hessians.npz")
+    np.savez(path, names=np.array(list(hessians)), *hessians.values())
+    return path
+
+
+def _load_hessians(path: Path | None) -> dict[str, np.ndarray]:
+    if path is None:
+        return {}
+    with np.load(path) as data:
+        hessians = {str(name): data[f"arr_{i}"] for i, name in enumerate(data["names"])}
+    path.unlink()
+    return hessians
 
 
 _open = cache(open_source)  # one per worker process
@@ -196,14 +219,17 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
                 done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype)
                 continue
             model = build_graph(unit, source.tensor, cfg)
-            inputs, outputs = tensor_specs(model.graph.input), tensor_specs(model.graph.output)
+            inputs, grams = tensor_specs(model.graph.input), gptq_inputs(model, quantization)
             _save(model, file)
             del model
             calibration = [feeds(inputs, x, rope) for x in samples]
-            if names.HIDDEN_NEXT in outputs:
-                samples = propagate(file, inputs, samples, rope)
+            # one float32 pass over the calibration text: the next block's samples and this one's GPTQ statistics
+            carried, hessians = propagate(file, calibration, grams)
+            samples = carried if carried is not None else samples
+            hessians_file = _spill_hessians(hessians, file)
+            del hessians
             # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
-            done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype)
+            done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype, hessians_file)
         specs = []
         for graph in progress(graphs, show_progress, "linking graphs"):
             results = [done[b.name].result() for b in graph.blocks]

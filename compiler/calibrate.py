@@ -50,10 +50,14 @@ def feeds(inputs: dict[str, TensorSpec], x: np.ndarray, rope: np.ndarray) -> dic
     return values
 
 
-def propagate(path: Path, inputs: dict[str, TensorSpec], samples: list[np.ndarray], rope: np.ndarray) -> list[np.ndarray]:
-    """Run the fp32 graph on every sample; its hidden_next outputs are the next graph's samples."""
-    session = ort.InferenceSession(str(path), _one_copy(), providers=["CPUExecutionProvider"])
-    return [session.run([names.HIDDEN_NEXT], feeds(inputs, x, rope))[0] for x in samples]
+def propagate(
+    path: Path, calibration: list[dict[str, np.ndarray]], grams: set[str]
+) -> tuple[list[np.ndarray] | None, dict[str, np.ndarray]]:
+    """One run of the saved fp32 graph per calibration sample: its hidden_next outputs (the next graph's samples;
+    None for the head) and the mean Gram matrices of the `grams` values (GPTQ's statistics), from the same runs."""
+    model = onnx.load(path, load_external_data=False)
+    carried: list[np.ndarray] | None = [] if any(o.name == names.HIDDEN_NEXT for o in model.graph.output) else None
+    return carried, statistics(model, grams, calibration, "gram", path.parent, carry=carried)
 
 
 def _one_copy() -> ort.SessionOptions:
@@ -66,18 +70,20 @@ def _one_copy() -> ort.SessionOptions:
 
 def statistics(
     model: onnx.ModelProto, values: set[str], samples: list[dict[str, np.ndarray]], kind: Literal["gram", "absmax"],
-    weights_dir: Path | None = None,
+    weights_dir: Path | None = None, carry: list[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Intermediate value name -> its statistic over the samples' tokens, from one run of the graph per sample.
 
     gram: mean x^T x [C, C] (GPTQ's Hessian); absmax: max |x| per channel [C] (SmoothQuant's activation range).
     weights_dir: where the model, loaded without its external data, has it. The probe graph then reads the
     weights from those files, and the only copy in memory is ORT's (a 7B's lm_head is 2.2 GB in float32).
+    carry: a list that receives each sample's hidden_next output, from the same runs.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     wanted = sorted(values - {o.name for o in probe.graph.output})
     probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted)
+    fetch = wanted + ([names.HIDDEN_NEXT] if carry is not None else [])
     stats: dict[str, np.ndarray] = {}
     rows = dict.fromkeys(wanted, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +102,10 @@ def statistics(
             if weights_dir is not None:
                 path.unlink()
         for sample in samples:
-            for name, value in zip(wanted, session.run(wanted, sample)):
+            values_out = session.run(fetch, sample)
+            if carry is not None:
+                carry.append(values_out.pop())
+            for name, value in zip(wanted, values_out):
                 flat = value.reshape(-1, value.shape[-1])
                 if kind == "gram":
                     stats[name] = _add_gram(stats.get(name), flat)

@@ -15,7 +15,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compiler.blockquant import GPTQFactor, gptq_factor, quantize_weight
-from compiler.calibrate import statistics
 from compiler.recipe import Quantization, QuantSpec
 from compiler.smoothing import smooth
 
@@ -46,14 +45,8 @@ def graph_quantization(model: onnx.ModelProto, quantization: Quantization) -> di
     return {kind: describe(getattr(quantization, kind)) for kind in sorted(kinds)}
 
 
-def quantize(
-    model: onnx.ModelProto, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None,
-    weights_dir: Path | None = None,
-) -> onnx.ModelProto:
-    """Return the graph with each kind's nodes in its scheme (fp32 kinds untouched).
-
-    weights_dir: the model was loaded without its external data, which is there: calibration runs from the
-    files and the weights are loaded after it."""
+def _by_scheme(model: onnx.ModelProto, quantization: Quantization) -> dict[tuple, list[str]]:
+    """(scheme, spec) -> the names of the weight-bearing nodes it applies to (fp32 kinds left out)."""
     weights = {i.name for i in model.graph.initializer}
     by_scheme: dict[tuple, list[str]] = {}
     for node in model.graph.node:
@@ -62,11 +55,27 @@ def quantize(
             spec = getattr(quantization, kind)
             if spec.scheme != "fp32":
                 by_scheme.setdefault((spec.scheme, spec), []).append(node.name)
-    gptq = {n for (scheme, spec), nodes in by_scheme.items() if scheme in ("int4", "int8") and spec.gptq for n in nodes}
-    matmul_inputs = {n.input[0] for n in model.graph.node if n.name in gptq and n.op_type == "MatMul"}
-    # one calibration pass for every weight-only kind; one K x K matrix per distinct input of the block is held
-    # while quantizing: its Hessian, then GPTQ's factor in the same memory
-    hessians = statistics(model, matmul_inputs, calibration, "gram", weights_dir) if calibration and matmul_inputs else {}
+    return by_scheme
+
+
+def gptq_inputs(model: onnx.ModelProto, quantization: Quantization) -> set[str]:
+    """The values whose Gram matrices GPTQ needs: the inputs of the MatMuls it rounds."""
+    gptq = {n for (scheme, spec), nodes in _by_scheme(model, quantization).items()
+            if scheme in ("int4", "int8") and spec.gptq for n in nodes}
+    return {n.input[0] for n in model.graph.node if n.name in gptq and n.op_type == "MatMul"}
+
+
+def quantize(
+    model: onnx.ModelProto, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None,
+    hessians: dict[str, np.ndarray], weights_dir: Path | None = None,
+) -> onnx.ModelProto:
+    """Return the graph with each kind's nodes in its scheme (fp32 kinds untouched).
+
+    hessians: GPTQ's statistics, gptq_inputs -> mean Gram matrix over the calibration tokens (from the build's
+    calibration pass; empty: round without GPTQ). One K x K matrix per distinct input of the block is held while
+    quantizing: its Hessian, then GPTQ's factor in the same memory.
+    weights_dir: the model was loaded without its external data, which is there (loaded here)."""
+    by_scheme = _by_scheme(model, quantization)
     if weights_dir is not None:
         onnx.load_external_data_for_model(model, str(weights_dir))
     factors = {name: gptq_factor(hessian) for name, hessian in hessians.items()}
