@@ -55,10 +55,10 @@ class GraphRunner:
         inputs = [values[name] for name in self._inputs]
         last = self._last.get(batch)
         if last is not None and all(a is b for a, b in zip(last[0], inputs)):
-            kept, options = last[1], last[2]  # a decode step on the buffers bound last time: nothing to bind
+            kept, options, moved = last[1:]  # a decode step on the buffers bound last time: nothing to bind
         else:
-            kept, options = self._bind(binding, batch, inputs)
-        self.moved += self._crossing(inputs)
+            kept, options, moved = self._bind(binding, batch, inputs)
+        self.moved += moved
         start = time.perf_counter()
         self.session.run_with_iobinding(binding, options)
         self.seconds += time.perf_counter() - start
@@ -68,9 +68,10 @@ class GraphRunner:
 
     def _bind(
         self, binding: ort.IOBinding, batch: CacheView | None, inputs: list[ort.OrtValue]
-    ) -> tuple[list[ort.OrtValue] | None, ort.RunOptions | None]:
+    ) -> tuple[list[ort.OrtValue] | None, ort.RunOptions | None, int]:
         """Bind a step's inputs and outputs; a decode step's outputs go to its kept buffers. Returns those buffers
-        (None for a prefill chunk, whose outputs ORT allocates) and the run options."""
+        (None for a prefill chunk, whose outputs ORT allocates), the run options, and the bytes of the inputs that
+        were on another device than the EP's (copied there by ORT or by _reachable)."""
         dims: dict[str, int] = {}
         reachable = [self._reachable(value) for value in inputs]
         for name, value in zip(self._inputs, reachable):
@@ -94,15 +95,12 @@ class GraphRunner:
         options = self._run_options(batch, shapes) if decode else self._unrecorded
         # the next decode step on the same buffers runs on this binding as it is; not where an input was copied
         # to the host here (its copy would be stale) or after a prefill chunk (which rebound it)
+        moved = sum(v.tensor_size_in_bytes() for v in inputs if v.device_name().lower() != self.placement.device)
         if decode and all(a is b for a, b in zip(inputs, reachable)):
-            self._last[batch] = (inputs, kept, options)
+            self._last[batch] = (inputs, kept, options, moved)
         else:
             self._last.pop(batch, None)
-        return kept, options
-
-    def _crossing(self, inputs: list[ort.OrtValue]) -> int:
-        """Bytes of this run's inputs on another device than its EP's (copied there by ORT or by _reachable)."""
-        return sum(v.tensor_size_in_bytes() for v in inputs if v.device_name().lower() != self.placement.device)
+        return kept, options, moved
 
     def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
         """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
