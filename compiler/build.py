@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -14,15 +15,18 @@ import onnx
 import yaml
 from pydantic import ValidationError
 
+from compiler.build_state import STATE, BlockResult, BuildState, resumable
 from compiler.calibrate import feeds, first_samples, propagate
 from compiler.graphs import build_graph, rope_tables
 from compiler.link import link
+from compiler.npu_check import check
 from compiler.plan import GraphPlan, plan
 from compiler.precision import to_float16
 from compiler.progress import progress
 from compiler.quantize import gptq_inputs, graph_quantization, quantize
 from compiler.recipe import Quantization, Recipe, load_recipe
 from compiler.source import ModelSource, open_source
+from compiler.static_forms import prefill_path, write_forms
 from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.manifest import (
@@ -36,15 +40,18 @@ from runtime.manifest import (
 )
 from runtime.tokenizer import Tokenizer
 
+log = logging.getLogger("tandem")
+
 
 def compile_recipe(
     recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True,
-    max_context: int | None = None, jobs: int = 1,
+    max_context: int | None = None, jobs: int = 1, resume: bool = False,
 ) -> Path:
     """Compile a recipe into an artifact directory; nothing appears at `out` unless every step, verify included, passed.
 
     max_context overrides the recipe's (the KV cache capacity), e.g. for a long-context build of the same recipe.
     jobs: graphs quantized at once, each in its own process (memory grows with it: one graph's worth each).
+    resume: go on from the blocks an interrupted build of `out` (same recipe and model) finished.
     """
     from compiler.verify import verify_artifact
 
@@ -58,11 +65,14 @@ def compile_recipe(
             raise TandemError(format_validation_error(f"{recipe_path} with --max-context {max_context}", e)) from None
     source = open_source(model or recipe.model)
     out = Path(out or Path("artifacts") / recipe.name)
-    _recover(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    resumed = resume and _adopt(out, work)
+    _recover(out)
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     (work / names.UNFINISHED).write_text(f"{os.getpid()}\n")
+    keep = False
     try:
         write_artifact(work, recipe, source, show_progress, jobs)
         report = verify_artifact(work, source, show_progress=show_progress)
@@ -71,9 +81,24 @@ def compile_recipe(
             raise TandemError("verify failed, artifact not written:\n  " + "\n  ".join(report["failures"]))
         (work / names.UNFINISHED).unlink()
         _replace(work, out)
+    except KeyboardInterrupt:
+        keep = resumable(work)
+        if keep:
+            log.warning("interrupted: the finished blocks are kept in %s; the same command with --resume goes on from them", work)
+        raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _adopt(out: Path, work: Path) -> bool:
+    """Move the newest resumable build of `out` left by a dead process to `work` (this process's)."""
+    left = [p for p in out.parent.glob(f".{out.name}.partial-*") if resumable(p) and _abandoned(p)]
+    if not left:
+        return False
+    os.replace(max(left, key=lambda p: (p / STATE).stat().st_mtime), work)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -84,6 +109,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         pass
     return True
+
+
+def _abandoned(partial: Path) -> bool:
+    """A build's directory whose process is dead (or is this one, which is not building it now)."""
+    pid = partial.name.rpartition("-")[2]
+    return pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))
 
 
 def _recover(out: Path) -> None:
@@ -125,7 +156,6 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
     }
 
 
-BlockResult = tuple[dict[str, TensorSpec], dict[str, TensorSpec], dict[str, str]]  # inputs, outputs, quantization
 
 
 def finish_graph(
@@ -144,10 +174,15 @@ def finish_graph(
     return tensor_specs(model.graph.input), tensor_specs(model.graph.output), described
 
 
-def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quantization, dtype: str) -> BlockResult:
-    """A block no calibration ties to the others: built from the source at `location` and finished, in this process."""
+def _io(model: onnx.ModelProto) -> dict[str, dict[str, TensorSpec]]:
+    return {"inputs": tensor_specs(model.graph.input), "outputs": tensor_specs(model.graph.output)}
+
+
+def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quantization, dtype: str, form: tuple) -> BlockResult:
+    """A block no calibration ties to the others: built from the source at `location` and finished, in this process.
+    form: build_graph's dialect and capacity."""
     source = _open(location)
-    _save(build_graph(unit, source.tensor, source.config), file)
+    _save(build_graph(unit, source.tensor, source.config, *form), file)
     return finish_graph(file, quantization, None, dtype)
 
 
@@ -191,6 +226,26 @@ def _done(value) -> Future:
     return future
 
 
+def _calibrated(
+    unit: GraphPlan, file: Path, samples: list[np.ndarray], source: ModelSource, rope: np.ndarray,
+    quantization: Quantization, recipe: Recipe, pool: Executor, done: dict[str, Future],
+) -> list[np.ndarray]:
+    """Build a block, run the calibration text through it in float32 and submit its quantization; returns the samples
+    it carries on to the next block."""
+    model = build_graph(unit, source.tensor, source.config, recipe.roles[unit.role].dialect, recipe.max_context)
+    inputs, grams = tensor_specs(model.graph.input), gptq_inputs(model, quantization)
+    _save(model, file)
+    del model
+    calibration = [feeds(inputs, x, rope) for x in samples]
+    # one float32 pass over the calibration text: the next block's samples and this one's GPTQ statistics
+    carried, hessians = propagate(file, calibration, grams)
+    hessians_file = _spill_hessians(hessians, file)
+    del hessians
+    # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
+    done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype, hessians_file)
+    return carried if carried is not None else samples
+
+
 def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progress: bool = True, jobs: int = 1) -> Manifest:
     cfg = source.config
     if recipe.max_context > cfg.max_position_embeddings:
@@ -199,9 +254,11 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     rope = rope_tables(source.hf_config, recipe.max_context)
     np.save(root / names.ROPE_FILE, rope)
     quantization = recipe.quantization
-    samples = first_samples(Tokenizer.from_dir(root), recipe.calibration) if quantization.needs_calibration() else None
+    state = BuildState(root, {"recipe": recipe.model_dump(mode="json"), "source": source.spec.model_dump()})
+    samples = state.samples() or (first_samples(Tokenizer.from_dir(root), recipe.calibration)
+                                  if quantization.needs_calibration() else None)
     graphs_dir = root / "graphs"
-    graphs_dir.mkdir()
+    graphs_dir.mkdir(exist_ok=True)
     graphs = plan(recipe, cfg.num_layers)
     # built, calibrated and quantized one block at a time (memory: one block), then linked as the plan fuses them
     units = [GraphPlan(graph.role, (block,)) for graph in graphs for block in graph.blocks]
@@ -210,26 +267,21 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
     done: dict[str, Future] = {}
     with _executor(jobs) as pool:
         for unit in progress(order, show_progress, "building graphs"):
+            if unit.name in state.finished:  # by the build this one resumes
+                done[unit.name] = _done(state.finished[unit.name])
+                continue
             # a built block waits on disk in float32 until a worker quantizes it: at most `jobs` wait (a 7B's
             # 58 float32 blocks would take 30 GB)
             while len(running := [f for f in done.values() if not f.done()]) > jobs:
                 wait(running, return_when=FIRST_COMPLETED)
             file = graphs_dir / f"{unit.name}.onnx"
-            if not samples:  # independent blocks: a worker builds it too
-                done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype)
-                continue
-            model = build_graph(unit, source.tensor, cfg)
-            inputs, grams = tensor_specs(model.graph.input), gptq_inputs(model, quantization)
-            _save(model, file)
-            del model
-            calibration = [feeds(inputs, x, rope) for x in samples]
-            # one float32 pass over the calibration text: the next block's samples and this one's GPTQ statistics
-            carried, hessians = propagate(file, calibration, grams)
-            samples = carried if carried is not None else samples
-            hessians_file = _spill_hessians(hessians, file)
-            del hessians
-            # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
-            done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype, hessians_file)
+            if samples:
+                samples = _calibrated(unit, file, samples, source, rope, quantization, recipe, pool, done)
+            else:  # independent blocks: a worker builds it too
+                form = (recipe.roles[unit.role].dialect, recipe.max_context)
+                done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype, form)
+            if all(f.done() for f in done.values()):  # always with --jobs 1; with more, when the workers catch up
+                state.record({name: f.result() for name, f in done.items()}, samples)
         specs = []
         for graph in progress(graphs, show_progress, "linking graphs"):
             results = [done[b.name].result() for b in graph.blocks]
@@ -239,9 +291,18 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
                 linked = link([graphs_dir / f"{b.name}.onnx" for b in graph.blocks], file)
                 inputs, outputs = tensor_specs(linked.graph.input), tensor_specs(linked.graph.output)
             described = {kind: scheme for _, _, parts in results for kind, scheme in parts.items()}
-            specs.append(GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role,
-                                   blocks=[b.name for b in graph.blocks], quantization=dict(sorted(described.items())),
-                                   inputs=inputs, outputs=outputs))
+            spec = GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role,
+                             blocks=[b.name for b in graph.blocks], quantization=dict(sorted(described.items())),
+                             inputs=inputs, outputs=outputs)
+            role = recipe.roles[graph.role]
+            if role.dialect == "static":  # the fixed-shape forms, each checked against the NPUs of the role's chains
+                decode, prefill = write_forms(file, recipe.prefill_chunk, recipe.max_context)
+                for form in (decode, prefill):
+                    check(form, role.providers + role.prefill)
+                prefill_spec = spec.model_copy(update={"dialect": "static", "file": prefill_path(file).relative_to(root).as_posix(), **_io(prefill)})
+                spec = spec.model_copy(update={"dialect": "static", "prefill": prefill_spec, **_io(decode)})
+            specs.append(spec)
+    state.clear()
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}
     (root / names.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != names.UNFINISHED)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ from compiler.evaltext import windows
 from compiler.recipe import CalibrationSpec
 from runtime import manifest as names
 from runtime.manifest import TensorSpec
+from runtime.static_inputs import attention_bias, rope_rows
 from runtime.tokenizer import Tokenizer
 
 
@@ -31,12 +33,18 @@ def feeds(inputs: dict[str, TensorSpec], x: np.ndarray, rope: np.ndarray) -> dic
     """A graph's inputs for one prefill sample x (input_ids or hidden states), starting from an empty cache."""
     count = x.shape[1]
     values: dict[str, np.ndarray] = {}
+    capacity = next((spec.shape[2] for name, spec in inputs.items() if name.startswith("past_")), None)
+    static = rope_rows(rope, np.zeros(1, np.int64), count, np.dtype(np.float32)) if names.ROPE_COS in inputs else {}
     for name, spec in inputs.items():
         if name in (names.INPUT_IDS, names.HIDDEN):
             values[name] = x
-        elif name.startswith("past_"):
+        elif name.startswith("past_"):  # a static graph's: its fixed capacity, none of it attended
             _, kv_heads, _, head_dim = spec.shape
-            values[name] = np.zeros((1, kv_heads, count, head_dim), dtype=np.float32)
+            values[name] = _empty((1, kv_heads, capacity if static else count, head_dim))
+        elif name == names.ATTENTION_BIAS:
+            values[name] = _bias(count, capacity)
+        elif name in static:
+            values[name] = static[name]
         elif name == names.SEQLENS_K:
             values[name] = np.array([count - 1], dtype=np.int32)
         elif name == names.TOTAL_SEQUENCE_LENGTH:
@@ -48,6 +56,17 @@ def feeds(inputs: dict[str, TensorSpec], x: np.ndarray, rope: np.ndarray) -> dic
         else:
             raise KeyError(f"no calibration feed for graph input {name}")
     return values
+
+
+@cache
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    """One array of zeros per shape: every sample's cache (a static graph's is the full capacity: 8 MB a layer for a 7B)."""
+    return np.zeros(shape, np.float32)
+
+
+@cache
+def _bias(count: int, capacity: int) -> np.ndarray:
+    return attention_bias(np.zeros(1, np.int64), count, capacity, np.dtype(np.float32))
 
 
 def propagate(

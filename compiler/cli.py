@@ -24,7 +24,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from compiler.build import compile_recipe
 
     out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet, max_context=args.max_context,
-                         jobs=args.jobs)
+                         jobs=args.jobs, resume=args.resume)
     report = json.loads((out / "verify.json").read_text())
     _print_report(report)
     print(f"wrote {out}")
@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the recipe's)")
     c.add_argument("--jobs", type=int, default=1, help="graphs quantized at once, one process each (memory: one graph each)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--resume", action="store_true",
+                   help="go on from the blocks an interrupted build of the same output, recipe and model finished")
     c.set_defaults(func=cmd_compile)
     v = sub.add_parser("verify", help="re-run verification of an artifact against its source model")
     v.add_argument("artifact", type=Path)

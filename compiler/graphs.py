@@ -1,4 +1,5 @@
-"""ONNX graphs built op by op from the weights (contrib dialect: ORT fused ops for CPU/GPU EPs)."""
+"""ONNX graphs built op by op from the weights, in a dialect (runtime.manifest.Dialect): contrib, ORT's fused ops for
+CPU/GPU EPs; static, standard ops only, for NPU compilers (batch 1; compiler.static_forms fixes the other shapes)."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,10 @@ from onnx import TensorProto, helper
 
 from compiler.plan import Block, GraphPlan
 from runtime import manifest as names
-from runtime.manifest import ModelConfig
+from runtime.manifest import Dialect, ModelConfig
 
 OPSET = 21
+NORM_MEAN = ".mean"  # the static dialect's RMSNorm takes the mean of squares as a MatMul by this weight (left float)
 Weights = Callable[[str], np.ndarray]
 
 
@@ -22,8 +24,10 @@ class GraphBuilder:
     Initializers are written into the model in place: protobuf cannot copy a message over 2 GB, and a 7B's
     embedding table and lm_head are 2.2 GB each in float32."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, dialect: Dialect = "contrib", capacity: int = 0) -> None:
         self.name = name
+        self.dialect = dialect
+        self.capacity = capacity  # static dialect: the KV cache positions its attention reads
         self.proto = onnx.ModelProto()
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: dict[str, onnx.ValueInfoProto] = {}
@@ -45,6 +49,11 @@ class GraphBuilder:
         tensor.dims.extend(array.shape)
         tensor.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         return name
+
+    def const(self, values: list[int]) -> str:
+        """A small int64 initializer (shapes, axes, split sizes)."""
+        self._count += 1
+        return self.weight(f"/{self.scope}/const_{self._count}", np.array(values, dtype=np.int64))
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
         self._count += 1
@@ -74,7 +83,12 @@ class GraphBuilder:
 
 
 def make_rmsnorm(b: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-    return b.op("SimplifiedLayerNormalization", [x, b.weight(name, weight)], axis=-1, epsilon=eps, stash_type=1)
+    if b.dialect == "contrib":
+        return b.op("SimplifiedLayerNormalization", [x, b.weight(name, weight)], axis=-1, epsilon=eps, stash_type=1)
+    # the mean of squares as a MatMul by 1/hidden: NPUs' A16W8 op sets have no ReduceMean
+    mean = b.op("MatMul", [b.op("Mul", [x, x]), b.weight(name + NORM_MEAN, np.full((len(weight), 1), 1 / len(weight), np.float32))])
+    rms = b.op("Sqrt", [b.op("Add", [mean, b.weight(f"{name}.epsilon", np.array(eps, dtype=np.float32))])])
+    return b.op("Mul", [b.op("Div", [x, rms]), b.weight(name, weight)])
 
 
 def make_linear(b: GraphBuilder, w: Weights, x: str, prefixes: list[str], bias: bool = False) -> str:
@@ -123,6 +137,56 @@ def make_attention(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, 
     return b.op("Add", [x, make_linear(b, w, attn, [f"{p}.self_attn.o_proj"])])
 
 
+def attended(capacity: int) -> str:
+    """The static attention's last bias dimension: the cache's positions and the new ones."""
+    return f"sequence + {capacity}"
+
+
+def make_static_attention(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str) -> str:
+    """make_attention at batch 1 in the ops NPU compilers take (compiler/npu_targets.yaml), rank 4 at most. The
+    cache (past K/V, b.capacity positions) is read, never written: the new positions' K/V are outputs, which the
+    runtime stores. One softmax over the past and new positions' scores; its two parts then weigh the past and new
+    values, so the cache is never concatenated."""
+    p = f"model.layers.{block.layer}"
+    heads, kv_heads, d, capacity = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, b.capacity
+    h = make_rmsnorm(b, x, w(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm.weight", cfg.rms_norm_eps)
+    qkv = make_linear(b, w, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"], bias=True)
+    q, k, v = b.op("Split", [qkv, b.const([heads * d, kv_heads * d, kv_heads * d])], outputs=3, axis=-1)
+    cos, sin = (b.op("Reshape", [b.input(name, TensorProto.FLOAT, [1, "sequence", d]), b.const([-1, 1, d])])
+                for name in (names.ROPE_COS, names.ROPE_SIN))  # [S, 1, d]
+
+    def rope(t: str, count: int) -> str:  # [1, S, count * d] -> [S, count, d], rotated as Qwen2's rotate_half
+        t = b.op("Reshape", [t, b.const([-1, count, d])])
+        first, second = b.op("Split", [t, b.const([d // 2, d // 2])], outputs=2, axis=-1)
+        return b.op("Add", [b.op("Mul", [t, cos]), b.op("Mul", [b.op("Concat", [second, first], axis=-1), sin])])
+
+    new = {"key": b.op("Transpose", [rope(k, kv_heads)], perm=[1, 0, 2]),  # [kv_heads, S, d]
+           "value": b.op("Transpose", [b.op("Reshape", [v, b.const([-1, kv_heads, d])])], perm=[1, 0, 2])}
+    for kind, value in new.items():
+        b.output(b.rename(b.op("Reshape", [value, b.const([1, kv_heads, -1, d])]), names.new_name(kind, block.layer)),
+                 TensorProto.FLOAT, [1, kv_heads, "sequence", d])
+    group = heads // kv_heads
+    # the new positions' K/V for every query head ([heads, S, d]); the cache's stay per kv head (not copied)
+    new = {kind: b.op("Reshape", [b.op("Expand", [b.op("Reshape", [value, b.const([kv_heads, 1, -1, d])]), b.const([1, group, 1, 1])]),
+                                  b.const([heads, -1, d])]) for kind, value in new.items()}
+    past = {kind: b.op("Reshape", [b.input(names.past_name(kind, block.layer), TensorProto.FLOAT, [1, kv_heads, capacity, d]),
+                                   b.const([kv_heads, capacity, d])]) for kind in ("key", "value")}
+    query = b.op("Transpose", [rope(q, heads)], perm=[1, 0, 2])  # [heads, S, d]
+    grouped = b.op("Reshape", [query, b.const([kv_heads, -1, d])])  # a kv head's query heads one after another
+    scale = b.weight(f"{p}/attention_scale", np.array(1.0 / math.sqrt(d), dtype=np.float32))
+    to_past = b.op("Reshape", [b.op("MatMul", [grouped, b.op("Transpose", [past["key"]], perm=[0, 2, 1])]), b.const([heads, -1, capacity])])
+    to_new = b.op("MatMul", [query, b.op("Transpose", [new["key"]], perm=[0, 2, 1])])  # [heads, S, S]
+    # the width spelled as the sum, which ORT's symbolic shape inference (run by its quantizer) reads as one
+    bias = b.input(names.ATTENTION_BIAS, TensorProto.FLOAT, [1, "sequence", attended(capacity)])
+    probs = b.op("Softmax", [b.op("Add", [b.op("Mul", [b.op("Concat", [to_past, to_new], axis=-1), scale]), bias])], axis=-1)
+    of_past, of_new = (b.op("Slice", [probs, b.const([start]), b.const([stop]), b.const([-1])])
+                       for start, stop in ((0, capacity), (capacity, np.iinfo(np.int64).max)))
+    from_past = b.op("MatMul", [b.op("Reshape", [of_past, b.const([kv_heads, -1, capacity])]), past["value"]])  # [kv_heads, group * S, d]
+    attn = b.op("Add", [b.op("Reshape", [from_past, b.const([heads, -1, d])]), b.op("MatMul", [of_new, new["value"]])])  # [heads, S, d]
+    attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[1, 0, 2]), b.const([1, -1, heads * d])])
+    return b.op("Add", [x, make_linear(b, w, attn, [f"{p}.self_attn.o_proj"])])
+
+
 def make_ffn(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: str) -> str:
     """RMSNorm, SiLU(gate) * up, down, residual."""
     p = f"model.layers.{block.layer}"
@@ -142,19 +206,24 @@ def make_head(b: GraphBuilder, w: Weights, cfg: ModelConfig, block: Block, x: st
     return make_linear(b, w, h, ["lm_head"])
 
 
-MAKERS = {"embed": make_embed, "attention": make_attention, "ffn": make_ffn, "head": make_head}
+MAKERS = {
+    "contrib": {"embed": make_embed, "attention": make_attention, "ffn": make_ffn, "head": make_head},
+    "static": {"attention": make_static_attention, "ffn": make_ffn},  # recipe.Recipe refuses the others on static roles
+}
 
 
-def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig) -> onnx.ModelProto:
-    b = GraphBuilder(graph.name)
-    x = None if graph.blocks[0].kind == "embed" else b.input(names.HIDDEN, TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
+def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig, dialect: Dialect = "contrib", capacity: int = 0) -> onnx.ModelProto:
+    """capacity: the static dialect's KV cache positions (fixed in the graph; the sequence dimension is fixed later)."""
+    b = GraphBuilder(graph.name, dialect, capacity)
+    batch = 1 if dialect == "static" else "batch"
+    x = None if graph.blocks[0].kind == "embed" else b.input(names.HIDDEN, TensorProto.FLOAT, [batch, "sequence", cfg.hidden_size])
     for block in graph.blocks:
         b.scope = block.name
-        x = MAKERS[block.kind](b, w, cfg, block, x)
+        x = MAKERS[dialect][block.kind](b, w, cfg, block, x)
     if graph.blocks[-1].kind == "head":
         b.output(b.rename(x, names.LOGITS), TensorProto.FLOAT, ["batch", "positions", cfg.vocab_size])
     else:
-        b.output(b.rename(x, names.HIDDEN_NEXT), TensorProto.FLOAT, ["batch", "sequence", cfg.hidden_size])
+        b.output(b.rename(x, names.HIDDEN_NEXT), TensorProto.FLOAT, [batch, "sequence", cfg.hidden_size])
     return b.model()
 
 

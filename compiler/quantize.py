@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compiler.blockquant import GPTQFactor, gptq_factor, quantize_weight
+from compiler.graphs import NORM_MEAN
 from compiler.recipe import Quantization, QuantSpec
 from compiler.smoothing import smooth
 
@@ -24,7 +25,7 @@ QUANTIZABLE = {"MatMul", "Gather"}
 
 def node_kind(node: onnx.NodeProto) -> str | None:
     """The quantization kind of a weight-bearing node, or None for nodes quantization leaves alone."""
-    if node.op_type not in QUANTIZABLE:
+    if node.op_type not in QUANTIZABLE or node.input[-1].endswith(NORM_MEAN):  # an RMSNorm's mean, not a projection
         return None
     return KINDS.get(node.name.split("/")[1].split(".")[0])
 
@@ -34,7 +35,8 @@ def describe(spec: QuantSpec) -> str:
         rtn = "" if spec.gptq else " rtn"  # GPTQ is the default; embeddings are always rounded (RTN)
         return f"{spec.scheme} block {spec.block_size} {'sym' if spec.symmetric else 'asym'} acc{spec.accuracy_level}{rtn}"
     if spec.scheme == "int8-qdq":
-        return f"int8-qdq {spec.activations} activations, {spec.calibration}, smoothing {spec.smoothing}"
+        weights = "" if spec.per_channel else ", per-tensor weights"
+        return f"int8-qdq {spec.activations} activations{weights}, {spec.calibration}, smoothing {spec.smoothing}"
     return spec.scheme
 
 
@@ -130,7 +132,8 @@ def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], fact
 
 
 def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
-    """QuantizeLinear/DequantizeLinear around the MatMuls: per-channel int8 weights, uint8 or uint16 activations calibrated on samples."""
+    """QuantizeLinear/DequantizeLinear around the MatMuls: int8 weights (per channel or per tensor), uint8 or uint16
+    activations calibrated on samples."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -157,12 +160,14 @@ def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], sampl
         raw, pre, out = (Path(tmp) / f"{n}.onnx" for n in ("raw", "pre", "out"))
         onnx.save_model(model, raw, save_as_external_data=True, location="raw.onnx.data")
         # ONNX's type inference does not know ORT's contrib ops: without symbolic shape inference first,
-        # quantize_static cannot type the activations and quantizes weights only.
-        quant_pre_process(str(raw), str(pre), skip_optimization=True, save_as_external_data=True,
+        # quantize_static cannot type the activations and quantizes weights only. A graph of standard ops (the
+        # static dialect) has ONNX's, which also follows the shapes that symbolic inference loses through a Slice.
+        standard = all(onnx.defs.has(node.op_type, node.domain) for node in model.graph.node)
+        quant_pre_process(str(raw), str(pre), skip_optimization=True, skip_symbolic_shape=standard, save_as_external_data=True,
                           all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         quantize_static(
             str(pre), str(out), Reader(samples),
-            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            quant_format=QuantFormat.QDQ, per_channel=spec.per_channel, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if spec.activations == "uint8" else QuantType.QUInt16, nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
             calibrate_method=method[spec.calibration], use_external_data_format=True,
         )

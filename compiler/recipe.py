@@ -23,6 +23,9 @@ class Placement(Strict):
 Scheme = Literal["fp32", "fp16", "int4", "int8", "int8-qdq"]
 
 
+STATIC_SCHEMES = ("fp32", "fp16", "int8-qdq")
+
+
 class QuantSpec(Strict):
     """How one block kind's weights are stored and computed.
 
@@ -38,6 +41,7 @@ class QuantSpec(Strict):
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     smoothing: float = Field(default=0.5, ge=0, le=1)  # int8-qdq: SmoothQuant's migration strength (0 = none)
     activations: Literal["uint8", "uint16"] = "uint8"  # int8-qdq: static activation type (uint16: A16W8, as QNN's HTP runs)
+    per_channel: bool = True  # int8-qdq: a weight scale per output channel (QNN's HTP takes one per MatMul weight)
     gptq: bool = True  # int4 / int8: GPTQ on calibration statistics; false: the clipping search alone (no calibration run)
 
 
@@ -112,6 +116,16 @@ class Recipe(Strict):
                 raise ValueError(f"placement.{kind} is {role!r}, which has no entry under roles")
         if self.verify.eval_windows and self.verify.eval_window > self.max_context:
             raise ValueError(f"verify.eval_window {self.verify.eval_window} exceeds max_context {self.max_context}")
+        for kind, role in self.placement.model_dump().items():
+            if self.roles[role].dialect != "static":
+                continue
+            if kind not in ("attention", "ffn"):
+                raise ValueError(f"placement.{kind}: role {role} has the static dialect, which builds attention and ffn "
+                                 "blocks only; place the embedding and head on a contrib role")
+            scheme = getattr(self.quantization, kind).scheme
+            if scheme not in STATIC_SCHEMES:
+                raise ValueError(f"quantization.{kind}.scheme {scheme}: role {role} has the static dialect, which takes "
+                                 f"{', '.join(STATIC_SCHEMES)} (standard ops; int4/int8 weight-only is ORT's MatMulNBits)")
         if self.quantization.needs_calibration() and self.calibration.window > self.max_context:
             raise ValueError(f"calibration.window {self.calibration.window} exceeds max_context {self.max_context}")
         return self

@@ -23,7 +23,7 @@ from compiler.recipe import Recipe, VerifySpec
 from compiler.reference import SequenceLogits, block_reference, sequence_logits
 from compiler.source import ModelSource
 from runtime import manifest as names
-from runtime.engine import Engine, GraphRunner, StepInputs, rope_values
+from runtime.engine import Engine, StepInputs, rope_values, runner, static_tables
 from runtime.kv_cache import KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
 from runtime.providers import Placement, session_options
@@ -48,7 +48,8 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     # verify runs.
     longest = max([len(t) for t in texts] + [len(ids) + spec.new_tokens for _, ids in prompts])
     with tempfile.TemporaryDirectory(prefix="tandem-verify-") as spill:
-        engine = Engine(directory, capacity=min(longest, manifest.kv_cache.capacity))
+        static = any(g.dialect == "static" for g in manifest.graphs)  # their cache is the compiled one
+        engine = Engine(directory, capacity=None if static else min(longest, manifest.kv_cache.capacity))
         runs = greedy_runs(directory, prompts, engine, spec, show_progress)
         ours = {tuple(t): spilled_logits(engine, t, Path(spill) / str(i))
                 for i, t in enumerate(progress(texts, show_progress, "evaluating"))}
@@ -143,15 +144,17 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
 
 def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
     """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
-    session = ort.InferenceSession(str(directory / spec.file), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
-    runner = GraphRunner(spec, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
+    form = spec.prefill or spec  # a static graph's prefill form takes both calls
+    session = ort.InferenceSession(str(directory / form.file), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
+    graph = runner(form, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)
-    inputs = StepInputs(cache, rope_values(directory, spec if names.COS_CACHE in spec.inputs else None), {})
+    static = static_tables(directory, form) if names.ROPE_COS in form.inputs else None
+    inputs = StepInputs(cache, rope_values(directory, spec if names.COS_CACHE in spec.inputs else None), {}, static=static)
     first = names.INPUT_IDS if names.INPUT_IDS in spec.inputs else names.HIDDEN
     outputs = []
     for start, stop in ((0, PREFIX), (PREFIX, PREFIX + SUFFIX)):
         values = inputs(0, 1, first, x[:, start:stop].astype(spec.inputs[first].dtype), np.arange(stop - start)[None])
-        runner.run(values)
+        graph.run(values)
         outputs.append(values[names.LOGITS if names.LOGITS in spec.outputs else names.HIDDEN].numpy().astype(np.float32))
         cache.update(0, stop - start)
     return np.concatenate(outputs, axis=1)

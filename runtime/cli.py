@@ -275,7 +275,8 @@ def _placement_summary(engine) -> str:
 
 def _chains(role) -> str:
     chain = " > ".join(p.name for p in role.providers)
-    return f"prefill {' > '.join(p.name for p in role.prefill)}, decode {chain}" if role.prefill else chain
+    chain = f"prefill {' > '.join(p.name for p in role.prefill)}, decode {chain}" if role.prefill else chain
+    return chain + (" (static graphs)" if role.dialect == "static" else "")
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from runtime.errors import TandemError
 from runtime.kv_cache import CacheView, KVCache
 from runtime.manifest import GraphSpec, KVCacheSpec, Manifest, load_manifest
 from runtime.providers import Placement, create_session, first_line
+from runtime.static_inputs import static_inputs
 
 log = logging.getLogger("tandem")
 
@@ -142,6 +143,81 @@ def _tensor(array: np.ndarray, device: str = "cpu") -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
 
 
+class StaticRunner:
+    """A static-dialect graph's session (fixed shapes, batch 1; made for NPU compilers). Each row of a step runs
+    alone, its hidden states padded to the form's sequence length. The KV cache is bound by address and only read:
+    the new positions' K/V come out as outputs, which are stored into the cache here (host memory: where NPUs and
+    the CPU share it)."""
+
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
+        self.spec = spec
+        self.sequence = int(spec.inputs[names.HIDDEN].shape[1])
+        self._cache = [name for name in spec.inputs if name.startswith("past_")]
+        self._inputs = [name for name in spec.inputs if name not in self._cache]
+        self.seconds = 0.0
+        self.moved = 0  # host memory throughout
+        self.use(session, placement)
+
+    def use(self, session: ort.InferenceSession, placement: Placement) -> None:
+        if placement.device != "cpu":
+            raise TandemError(f"graph {self.spec.name} (static dialect) exchanges K/V through host memory, but "
+                              f"{placement.provider} runs it on {placement.device}")
+        self.session, self.placement = session, placement
+        self._bindings: dict[tuple[CacheView | None, int], ort.IOBinding] = {}
+
+    def run(self, values: dict) -> None:
+        x = values[names.HIDDEN].numpy()
+        rows, count = x.shape[:2]
+        if count > self.sequence:
+            raise TandemError(f"graph {self.spec.name}: a step of {count} tokens exceeds its fixed {self.sequence}")
+        step = values[STATIC_STEP][self.sequence]
+        out = np.empty_like(x)
+        for row in range(rows):
+            padded = np.zeros((1, self.sequence, x.shape[2]), x.dtype)
+            padded[0, :count] = x[row]
+            binding = self._binding(values, row)
+            for name in self._inputs:
+                binding.bind_cpu_input(name, padded if name == names.HIDDEN else step[name][row : row + 1])
+            for name in self.spec.outputs:
+                binding.bind_output(name, "cpu")
+            start = time.perf_counter()
+            self.session.run_with_iobinding(binding)
+            self.seconds += time.perf_counter() - start
+            length = int(values[STATIC_LENGTHS][row])
+            for name, value in zip(self.spec.outputs, binding.get_outputs()):
+                if name == names.HIDDEN_NEXT:
+                    out[row] = value.numpy()[0, :count]
+                elif cache := names.stored_in(name):
+                    values[cache].array[row, :, length : length + count] = value.numpy()[0, :, :count]
+        values[names.HIDDEN] = _tensor(out)
+
+    def _binding(self, values: dict, row: int) -> ort.IOBinding:
+        """A binding with row's KV cache bound (its address never changes)."""
+        batch = values[self._cache[0]] if self._cache else None
+        if (batch, row) not in self._bindings:
+            binding = self.session.io_binding()
+            for name in self._cache:
+                view = values[name]
+                shape = (1, *view.shape[1:])
+                binding.bind_input(name, view.device, 0, view.dtype, shape, view.address + row * view.array[0].nbytes)
+            self._bindings[batch, row] = binding
+        return self._bindings[batch, row]
+
+
+def runner(spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> GraphRunner | StaticRunner:
+    return (StaticRunner if spec.dialect == "static" else GraphRunner)(spec, session, placement)
+
+
+def static_tables(directory: Path, prefill: GraphSpec) -> tuple[np.ndarray, np.dtype, int]:
+    """StepInputs' `static`, from a static attention graph's prefill form."""
+    return (np.load(directory / names.ROPE_FILE), np.dtype(prefill.inputs[names.ROPE_COS].dtype),
+            int(prefill.inputs[names.HIDDEN].shape[1]))
+
+
+STATIC_STEP = "static inputs"  # step values the static runners read (not graph inputs): their inputs per sequence length
+STATIC_LENGTHS = "static lengths"  # and each row's cache length before the step
+
+
 def rope_values(directory: Path, spec: GraphSpec | None, device: str = "cpu") -> dict[str, ort.OrtValue]:
     """The RoPE tables in the attention graphs' dtype (from `spec`, any graph that reads them), on their device."""
     tables = np.load(directory / names.ROPE_FILE)
@@ -160,11 +236,14 @@ class StepInputs:
     host and sizes its kernels' work split by it, which a capture fixes: a decode step then gives the cache
     capacity, the same at every step (as ORT GenAI does), and the rows' lengths reach the kernels in seqlens_k."""
 
-    def __init__(self, cache: KVCache, rope: dict[str, ort.OrtValue], devices: dict[str, str], captured: bool = False) -> None:
+    def __init__(self, cache: KVCache, rope: dict[str, ort.OrtValue], devices: dict[str, str], captured: bool = False,
+                 static: tuple[np.ndarray, np.dtype, int] | None = None) -> None:
+        """static: for static-dialect graphs, the RoPE tables, their inputs' dtype and their prefill form's length."""
         self.cache = cache
         self.rope = rope
         self.devices = {**devices, names.TOTAL_SEQUENCE_LENGTH: "cpu"}  # read on the host by every EP
         self.captured = captured
+        self.static = static
         self._kept: dict[tuple[int, int, str], dict[str, ort.OrtValue]] = {}
 
     def __call__(
@@ -189,7 +268,14 @@ class StepInputs:
         else:
             for name, array in small.items():
                 kept[name].update_inplace(np.ascontiguousarray(array))
-        return {**kept, **self.rope, **self.cache.bindings(start, stop)}
+        values = {**kept, **self.rope, **self.cache.bindings(start, stop)}
+        if self.static:  # the form that runs this step: a decode step's, or the prefill chunk's
+            tables, dtype, chunk = self.static
+            lengths = self.cache.lengths[start:stop]
+            sequence = 1 if decode else chunk
+            values[STATIC_STEP] = {sequence: static_inputs(tables, lengths, sequence, self.cache.capacity, dtype)}
+            values[STATIC_LENGTHS] = lengths.copy()
+        return values
 
 
 def hops(providers: Sequence[str]) -> int:
@@ -207,11 +293,15 @@ def _same_cache_device(decode: GraphRunner, prefill: GraphRunner) -> None:
         )
 
 
-def _cache_spec(manifest: Manifest, capacity: int | None) -> KVCacheSpec:
-    """The artifact's KV cache, or one of fewer positions (the graphs take any capacity up to the compiled one)."""
+def _cache_spec(manifest: Manifest, capacity: int | None, static: bool = False) -> KVCacheSpec:
+    """The artifact's KV cache, or one of fewer positions (contrib graphs take any capacity up to the compiled one;
+    static graphs, only the compiled one)."""
     spec = manifest.kv_cache
-    if capacity is None:
+    if capacity is None or capacity == spec.capacity:
         return spec
+    if static:
+        raise TandemError(f"KV cache capacity {capacity}: this artifact's static graphs read a cache of exactly "
+                          f"{spec.capacity} positions (compile it with --max-context {capacity} for a smaller one)")
     if not 0 < capacity <= spec.capacity:
         raise TandemError(f"KV cache capacity {capacity}: must be 1 to the artifact's {spec.capacity}")
     return spec.model_copy(update={"capacity": capacity})
@@ -230,28 +320,30 @@ class Engine:
         for name in self.manifest.schedule:
             spec = self.manifest.graph(name)
             role = self.manifest.roles[spec.role]
-            path = self.directory / spec.file
-            phase = "decode" if role.prefill else ""
-            self.graphs.append(GraphRunner(spec, *create_session(spec.name, path, spec.role, role.providers, threads, phase)))
-            self.prefill.append(
-                GraphRunner(spec, *create_session(spec.name, path, spec.role, role.prefill, threads, "prefill"))
-                if role.prefill else self.graphs[-1]
-            )
+            phased = bool(role.prefill or spec.prefill)  # a prefill session of its own: another chain, or another form
+            self.graphs.append(self._runner(spec, role.providers, "decode" if phased else ""))
+            self.prefill.append(self._runner(spec.prefill or spec, role.prefill or role.providers, "prefill") if phased else self.graphs[-1])
             _same_cache_device(self.graphs[-1], self.prefill[-1])
         # the cache and the RoPE tables live where the (first) attention graph runs
-        attention = next((g for g in self.graphs if names.COS_CACHE in g.spec.inputs), None)
+        attention = next((g for g in self.graphs if g._cache), None)
         device = attention.placement.device if attention else "cpu"
-        self.rope = rope_values(self.directory, attention.spec if attention else None, device)
-        self.cache = KVCache(_cache_spec(self.manifest, capacity), slots, device)
+        contrib = next((g.spec for g in self.graphs if names.COS_CACHE in g.spec.inputs), None)
+        self.rope = rope_values(self.directory, contrib, device)
+        static = [g.spec for g in self.prefill if isinstance(g, StaticRunner) and g._cache]
+        self.cache = KVCache(_cache_spec(self.manifest, capacity, bool(static)), slots, device)
         devices: dict[str, str] = {}
         for graph in reversed(self.graphs):  # the first graph reading an input decides where it is made
             devices.update(dict.fromkeys(graph.spec.inputs, graph.placement.device))
         attending = [g.placement.captures_graphs for g in self.graphs if names.TOTAL_SEQUENCE_LENGTH in g.spec.inputs]
-        self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending))
+        self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending),
+                                 static=static_tables(self.directory, static[0]) if static else None)
         self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
 
+    def _runner(self, spec: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
+        return runner(spec, *create_session(spec.name, self.directory / spec.file, spec.role, chain, self.threads, phase))
+
     @property
-    def runners(self) -> list[GraphRunner]:
+    def runners(self) -> list[GraphRunner | StaticRunner]:
         """Every session's runner: each graph's, then the prefill runners of roles that have them."""
         return self.graphs + [p for p, g in zip(self.prefill, self.graphs) if p is not g]
 
@@ -351,7 +443,7 @@ class Engine:
         The step goes on from that graph: the ones before it are done, and it rewrites the same cache positions."""
         failed = graph.placement
         role = self.manifest.roles[graph.spec.role]
-        chain = role.prefill if failed.phase == "prefill" else role.providers
+        chain = (role.prefill or role.providers) if failed.phase == "prefill" else role.providers
         reason = f"{failed.provider}: failed while running: {first_line(error)}"
         if failed.index + 1 >= len(chain):
             raise TandemError(f"graph {graph.spec.name} (role {graph.spec.role}): {reason}; no execution provider is left "

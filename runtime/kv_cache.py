@@ -1,7 +1,7 @@
 """The shared KV cache: preallocated once, owned by the runtime, written in place by the attention graphs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,7 @@ class CacheView:
     dtype: np.dtype
     shape: tuple[int, ...]
     address: int
+    array: np.ndarray | None = field(default=None, compare=False)  # the same memory, where it is the host's
 
 
 class KVCache:
@@ -32,12 +33,12 @@ class KVCache:
         self.dtype = np.dtype(spec.dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
         shape = (slots, spec.kv_heads, spec.capacity, spec.head_dim)
-        # zeros: on the CPU the OrtValue keeps the array as its memory; elsewhere it is copied over once
-        self._buffers = {
-            past_name(kind, layer): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), device, 0)
-            for layer in range(spec.layers)
-            for kind in ("key", "value")
-        }
+        # zeros: on the CPU the OrtValue keeps the array as its memory (written here too, for static graphs);
+        # elsewhere it is copied over once
+        self._arrays = {past_name(kind, layer): np.zeros(shape, self.dtype) for layer in range(spec.layers) for kind in ("key", "value")}
+        self._buffers = {name: ort.OrtValue.ortvalue_from_numpy(array, device, 0) for name, array in self._arrays.items()}
+        if device != "cpu":
+            self._arrays.clear()
         self._views: dict[tuple[int, int], dict[str, CacheView]] = {}
 
     @property
@@ -54,7 +55,8 @@ class KVCache:
             slot_bytes = self.spec.kv_heads * self.capacity * self.spec.head_dim * self.dtype.itemsize
             shape = (stop - start, self.spec.kv_heads, self.capacity, self.spec.head_dim)
             self._views[start, stop] = {
-                name: CacheView(self.device, self.dtype, shape, buffer.data_ptr() + start * slot_bytes)
+                name: CacheView(self.device, self.dtype, shape, buffer.data_ptr() + start * slot_bytes,
+                                self._arrays[name][start:stop] if self._arrays else None)
                 for name, buffer in self._buffers.items()
             }
         return self._views[start, stop]

@@ -20,6 +20,10 @@ UNFINISHED = "UNFINISHED"  # holds the building process's pid until the build ha
 
 Role = Literal["npu", "igpu", "cpu"]
 BlockKind = Literal["embed", "attention", "ffn", "head"]
+# contrib: ORT's fused ops (GroupQueryAttention over the KV cache in place, MatMulNBits, ...), dynamic shapes.
+# static: standard ai.onnx ops and fixed shapes (a prefill chunk, a decode step, the KV capacity), the form NPU
+# compilers take: two graph files per graph (prefill and decode) over one weights file.
+Dialect = Literal["contrib", "static"]
 
 # Tensor names every graph agrees on. Hidden states flow graph to graph; the KV cache is bound in place.
 INPUT_IDS = "input_ids"
@@ -31,6 +35,10 @@ SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 COS_CACHE = "cos_cache"
 SIN_CACHE = "sin_cache"
+# ... and the static dialect's, whose attention reads the cache and outputs the new K/V for the runtime to store
+ATTENTION_BIAS = "attention_bias"  # [1, sequence, capacity + sequence]: 0 where attended, the dtype's minimum elsewhere
+ROPE_COS = "rope_cos"  # [1, sequence, head_dim]: the new positions' cos, both halves
+ROPE_SIN = "rope_sin"  # [1, sequence, head_dim]: their sin, the first half negated (rotate_half's sign, so no Neg op)
 
 # ORT execution provider short names accepted in recipes and manifests.
 PROVIDERS = {
@@ -55,9 +63,18 @@ def present_name(kind: Literal["key", "value"], layer: int) -> str:
     return f"present_{kind}.{layer}"
 
 
+def new_name(kind: Literal["key", "value"], layer: int) -> str:
+    return f"new_{kind}.{layer}"
+
+
 def past_of(present: str) -> str | None:
     """The cache input a present_* output aliases, or None for an ordinary output."""
     return "past_" + present[len("present_") :] if present.startswith("present_") else None
+
+
+def stored_in(new: str) -> str | None:
+    """The cache a static graph's new_* output is written into (by the runtime), or None for an ordinary output."""
+    return "past_" + new[len("new_") :] if new.startswith("new_") else None
 
 
 class Strict(BaseModel):
@@ -94,6 +111,7 @@ class RoleSpec(Strict):
 
     providers: list[ProviderSpec] = Field(min_length=1)
     prefill: list[ProviderSpec] = Field(default_factory=list)
+    dialect: Dialect = "contrib"  # static for NPU roles: compiler.npu_check checks the graphs against the chain's NPUs
 
     @field_validator("providers", "prefill", mode="before")
     @classmethod
@@ -135,10 +153,11 @@ class GraphSpec(Strict):
     file: str
     role: Role
     blocks: list[str]
-    dialect: Literal["contrib"] = "contrib"
+    dialect: Dialect = "contrib"
     quantization: dict[str, str] = Field(default_factory=dict)  # block kind -> scheme, e.g. ffn: int4 block 32 asym acc4
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    prefill: "GraphSpec | None" = None  # static dialect: the prompt-chunk form (`file` is the one-token decode form)
 
 
 class KVCacheSpec(Strict):

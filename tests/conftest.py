@@ -21,6 +21,11 @@ RECIPE = {
 }
 
 
+QDQ = {"attention": {"scheme": "int8-qdq", "activations": "uint16"}}
+LOOSE = {**RECIPE["verify"], "graph_max_rel_error": 0.5, "logits_max_abs_error": 5.0, "greedy_agreement": 0.0,
+         "max_perplexity_delta": 1.0}  # A16W8 attention on a tiny random model
+
+
 def write_recipe(directory: Path, **changes) -> Path:
     path = directory / f"{changes.get('name', 'tiny')}.yaml"
     path.write_text(yaml.safe_dump({**RECIPE, **changes}))
@@ -55,6 +60,23 @@ def chat_artifact(tmp_path_factory, checkpoint) -> Path:
     root = tmp_path_factory.mktemp("served")
     recipe = write_recipe(root, name="served", max_context=512, served_model_name=["tiny-chat"])
     return compile_recipe(recipe, model=str(checkpoint), out=root / "served", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def static_artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """Attention on a static NPU role: float32 (the QNN chain: its op set has Softmax in float), and A16W8 QDQ (the
+    Ryzen AI chain); FFN and head on contrib roles."""
+    from compiler.build import compile_recipe
+
+    root = tmp_path_factory.mktemp("static")
+    fp32 = {**RECIPE["roles"], "npu": {"providers": ["QNN", "CPU"], "dialect": "static"}}
+    a16w8 = {**RECIPE["roles"], "npu": {"providers": ["VitisAI", "CPU"], "dialect": "static"}}
+    return {
+        "fp32": compile_recipe(write_recipe(root, name="fp32", roles=fp32), model=str(checkpoint), out=root / "fp32", show_progress=False),
+        "a16w8": compile_recipe(write_recipe(root, name="a16w8", roles=a16w8, quantization=QDQ, verify=LOOSE,
+                                             calibration={"windows": 4, "window": 64}),
+                                model=str(checkpoint), out=root / "a16w8", show_progress=False),
+    }
 
 
 def retarget(artifact: Path, out: Path, **roles: dict) -> Path:

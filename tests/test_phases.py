@@ -87,3 +87,17 @@ def test_info_and_stats_show_each_phase_placement(artifacts, tmp_path):
     stats = tandem("generate", str(phased), "--prompt", "def fib", "--max-tokens", "4", "--stats").stderr
     n = yaml.safe_load((phased / "manifest.yaml").read_text())["model"]["num_layers"] + 1  # graphs of each role
     assert f"graphs on CPU x{n}, CPU (decode) x{n}, CPU (prefill) x{n}; time CPU " in stats
+
+
+def test_static_graphs_on_openvino_give_the_contrib_artifacts_tokens(static_artifacts, artifacts, tmp_path):
+    """The static dialect's attention graphs (fixed-shape decode and prefill forms, as NPU plugins take them) on the
+    OpenVINO EP, FFN and head on the CPU EP: two EPs alternating over one host KV cache that the runtime writes the
+    attention's new K/V into. Greedy tokens equal the contrib artifact's (GroupQueryAttention on the CPU EP)."""
+    from tests.test_fallback import greedy
+
+    moved = retarget(static_artifacts["fp32"], tmp_path / "ov", npu={"providers": [OPENVINO, "CPU"], "dialect": "static"})
+    gen = Generator.load(moved)
+    assert greedy(gen, count=16) == greedy(Generator.load(artifacts["split"]), count=16)
+    attention = {p.provider for p in gen.engine.placements if p.role == "npu"}
+    assert attention == {"OpenVINO" if "OpenVINOExecutionProvider" in ort.get_available_providers() else "CPU"}
+    assert {p.phase for p in gen.engine.placements if p.role == "npu"} == {"prefill", "decode"}
