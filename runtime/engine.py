@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,13 +45,13 @@ class GraphRunner:
         self.session = session
         self.placement = placement
         self._device = "cpu" if names.LOGITS in self.spec.outputs else placement.device
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # per batch (its slots [start, stop))
+        self._bindings: dict[CacheView | None, ort.IOBinding] = {}
         self._kept: dict[tuple, list[ort.OrtValue]] = {}
-        self._last: dict[tuple[int, int], tuple] = {}  # per batch: the inputs, kept outputs and options last bound
+        self._last: dict[CacheView | None, tuple] = {}  # per batch: the inputs, kept outputs and options last bound
         self._replays: dict[tuple, ort.RunOptions] = {}  # CUDA graphs: run options naming each batch's graph
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
-        batch = values[ROWS]
+        batch = values[self._cache[0]] if self._cache else None
         binding = self._bindings.get(batch) or self._bind_cache(batch, values)
         inputs = [values[name] for name in self._inputs]
         last = self._last.get(batch)
@@ -69,7 +68,7 @@ class GraphRunner:
             values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
 
     def _bind(
-        self, binding: ort.IOBinding, batch: tuple[int, int], inputs: list[ort.OrtValue]
+        self, binding: ort.IOBinding, batch: CacheView | None, inputs: list[ort.OrtValue]
     ) -> tuple[list[ort.OrtValue] | None, ort.RunOptions | None, int]:
         """Bind a step's inputs and outputs; a decode step's outputs go to its kept buffers. Returns those buffers
         (None for a prefill chunk, whose outputs ORT allocates), the run options, and the bytes of the inputs that
@@ -81,11 +80,11 @@ class GraphRunner:
             dims.update(zip(self.spec.inputs[name].shape, value.shape()))
         shapes = tuple(tuple(dims.get(d, d) for d in self.spec.outputs[name].shape) for name in self._outputs)
         decode = dims.get("sequence", 1) == 1  # one new token per row
-        kept = self._kept.get((batch, shapes)) if decode else None
+        kept = self._kept.get(shapes) if decode else None
         if decode and kept is None:
             # a captured graph writes where it wrote when captured, logits included: they stay on its device
             device = self.placement.device if self.placement.captures_graphs else self._device
-            kept = self._kept[batch, shapes] = [  # per batch: two micro-batches of one size may run at once
+            kept = self._kept[shapes] = [
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(self.spec.outputs[name].dtype), device, 0)
                 for name, shape in zip(self._outputs, shapes)
             ]
@@ -95,16 +94,17 @@ class GraphRunner:
             else:
                 binding.bind_output(name, self._device)
         options = self._run_options(batch, shapes) if decode else self._unrecorded
-        # the next decode step on the same buffers runs on this binding as it is; not where an input was copied
-        # to the host here (its copy would be stale) or after a prefill chunk (which rebound it)
+        # the next decode step on the same buffers runs on this binding as it is; not where an input is on another
+        # device (copied to the host here, or to the EP's device by ORT when it is bound: either copy would be
+        # stale at the next step) or after a prefill chunk (which rebound it)
         moved = sum(v.tensor_size_in_bytes() for v in inputs if v.device_name().lower() != self.placement.device)
-        if decode and all(a is b for a, b in zip(inputs, reachable)):
+        if decode and not moved:
             self._last[batch] = (inputs, kept, options, moved)
         else:
             self._last.pop(batch, None)
         return kept, options, moved
 
-    def _run_options(self, batch: tuple[int, int], shapes: tuple) -> ort.RunOptions | None:
+    def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
         """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
         first time it sees an id, and replays it after)."""
         if not self.placement.captures_graphs:
@@ -113,7 +113,7 @@ class GraphRunner:
             self._replays[batch, shapes] = _graph_id(len(self._replays) + 1)
         return self._replays[batch, shapes]
 
-    def _bind_cache(self, batch: tuple[int, int], values: dict[str, ort.OrtValue | CacheView]) -> ort.IOBinding:
+    def _bind_cache(self, batch: CacheView | None, values: dict[str, ort.OrtValue | CacheView]) -> ort.IOBinding:
         """A binding with this batch's KV cache views bound: past_* inputs, and present_* outputs in the same memory."""
         binding = self.session.io_binding()
         for name in self._cache:
@@ -164,7 +164,7 @@ class StaticRunner:
             raise TandemError(f"graph {self.spec.name} (static dialect) exchanges K/V through host memory, but "
                               f"{placement.provider} runs it on {placement.device}")
         self.session, self.placement = session, placement
-        self._bindings: dict[tuple[tuple[int, int], int], ort.IOBinding] = {}
+        self._bindings: dict[tuple[CacheView | None, int], ort.IOBinding] = {}
 
     def run(self, values: dict) -> None:
         x = values[names.HIDDEN].numpy()
@@ -194,7 +194,7 @@ class StaticRunner:
 
     def _binding(self, values: dict, row: int) -> ort.IOBinding:
         """A binding with row's KV cache bound (its address never changes)."""
-        batch = values[ROWS]
+        batch = values[self._cache[0]] if self._cache else None
         if (batch, row) not in self._bindings:
             binding = self.session.io_binding()
             for name in self._cache:
@@ -215,7 +215,6 @@ def static_tables(directory: Path, prefill: GraphSpec) -> tuple[np.ndarray, np.d
             int(prefill.inputs[names.HIDDEN].shape[1]))
 
 
-ROWS = "rows"  # a step value the runners read (not a graph input): the batch's slots (start, stop)
 STATIC_STEP = "static inputs"  # step values the static runners read (not graph inputs): their inputs per sequence length
 STATIC_LENGTHS = "static lengths"  # and each row's cache length before the step
 
@@ -270,7 +269,7 @@ class StepInputs:
         else:
             for name, array in small.items():
                 kept[name].update_inplace(np.ascontiguousarray(array))
-        values = {**kept, **self.rope, **self.cache.bindings(start, stop), ROWS: (start, stop)}
+        values = {**kept, **self.rope, **self.cache.bindings(start, stop)}
         if self.static:  # the form that runs this step: a decode step's, or the prefill chunk's
             tables, dtype, chunk = self.static
             lengths = self.cache.lengths[start:stop]
@@ -312,12 +311,8 @@ def _cache_spec(manifest: Manifest, capacity: int | None, static: bool = False) 
 class Engine:
     """Runs token chunks of one sequence slot through the artifact's graphs; returns next-token logits."""
 
-    def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0, capacity: int | None = None,
-                 overlap: bool = False) -> None:
-        """capacity: KV cache positions per slot, at most the artifact's (default: the artifact's).
-        overlap: decode steps of two or more rows run as two micro-batches, one a graph behind the other, so that
-        where attention and FFN run on different EPs each EP works on one micro-batch while the other works on the
-        other (the seed's "overlap NPU and iGPU"; measured in BENCHMARKS.md)."""
+    def __init__(self, directory: Path | str, slots: int = 1, threads: int = 0, capacity: int | None = None) -> None:
+        """capacity: KV cache positions per slot, at most the artifact's (default: the artifact's)."""
         self.directory = Path(directory)
         self.threads = threads
         self.manifest: Manifest = load_manifest(self.directory)
@@ -344,8 +339,6 @@ class Engine:
         self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending),
                                  static=static_tables(self.directory, static[0]) if static else None)
         self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
-        self.overlap = overlap
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix="tandem-overlap") if overlap else None
 
     def _runner(self, spec: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
         return runner(spec, *create_session(spec.name, self.directory / spec.file, spec.role, chain, self.threads, phase))
@@ -428,44 +421,23 @@ class Engine:
         return logits
 
     def _run(self, start: int, stop: int, ids: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
-        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab].
-        With overlap, a decode step of two or more rows runs as two micro-batches, one a graph behind the other."""
+        """Run the graphs once over slots [start, stop) with input ids [rows, count]; logits [rows, k, vocab]."""
+        values = self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)
         runners = self.graphs if ids.shape[1] == 1 else self.prefill
         self.traffic["steps"] += 1
         self.traffic["tokens"] += ids.size
         self.traffic["hops"] += hops([g.placement.provider for g in runners])
-        halves = [(start, (start + stop) // 2), ((start + stop) // 2, stop)]
-        if self.overlap and ids.shape[1] == 1 and stop - start > 1:
-            steps = [self.inputs(a, b, names.INPUT_IDS, ids[a - start : b - start], logits_index[a - start : b - start])
-                     for a, b in halves]
-            self._pipelined(runners, *steps)
-        else:
-            steps = [self.inputs(start, stop, names.INPUT_IDS, ids, logits_index)]
-            for graph in runners:
-                self._run_graph(graph, steps[0])
-        logits = [values[names.LOGITS] for values in steps]
+        for graph in runners:
+            while True:
+                try:
+                    graph.run(values)
+                    break
+                except Exception as e:  # noqa: BLE001 - an EP failing while running: the rest of its chain takes over
+                    self._fall_back(graph, e)  # and the graph runs again on the same values
+        logits = values[names.LOGITS]
         if runners[-1].placement.device != "cpu":  # made on a device, read on the host (by ORT's copy or here)
-            self.traffic["logits_bytes"] += sum(v.tensor_size_in_bytes() for v in logits)
-        return np.concatenate([v.numpy() for v in logits])  # a copy: a decode step's logits buffer is the next step's too
-
-    def _pipelined(self, runners: list[GraphRunner | StaticRunner], first: dict, second: dict) -> None:
-        """Two micro-batches through the graphs, the second one graph behind: while the first runs graph i, the
-        second runs graph i - 1, on another EP where the layout alternates (attention on one, FFN on the other)."""
-        for i in range(len(runners) + 1):
-            behind = self._helper.submit(self._run_graph, runners[i - 1], second) if i else None
-            if i < len(runners):
-                self._run_graph(runners[i], first)
-            if behind:
-                behind.result()
-
-    def _run_graph(self, graph: GraphRunner | StaticRunner, values: dict) -> None:
-        while True:
-            try:
-                graph.run(values)
-                return
-            except Exception as e:  # noqa: BLE001 - an EP failing while running: the rest of its chain takes over
-                self._fall_back(graph, e)  # and the graph runs again on the same values (micro-batches never run
-                # one graph at once: the second is a graph behind)
+            self.traffic["logits_bytes"] += logits.tensor_size_in_bytes()
+        return logits.numpy().copy()  # a decode step's logits buffer (on the host) is the next step's too
 
     def _fall_back(self, graph: GraphRunner, error: Exception) -> None:
         """Rebuild a graph whose EP failed while running on the next EP of its chain (the seed's NPU -> iGPU -> CPU).

@@ -63,3 +63,34 @@ def test_replayed_graphs_match_plain_runs(cuda_artifacts):
     for step, (a, b) in enumerate(zip(captured, plain)):
         assert np.array_equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
         np.testing.assert_allclose(a, b, atol=2e-2, err_msg=f"step {step}")
+
+
+def test_split_placement_decodes_as_all_cpu(tmp_path, checkpoint):
+    """Attention on the CPU EP, FFN and head on CUDA, float32 activations everywhere (accuracy level 0): the hidden
+    state crosses host and device at every graph, and each decode step must send the new one. A split run's steps
+    once reused the device copy ORT had made when the input was first bound: from the second decode step on, the FFN
+    graphs computed on stale hidden states. Greedy tokens and logits equal the same graphs all on the CPU."""
+    from compiler.build import compile_recipe
+    from runtime.engine import Engine
+    from tests.conftest import retarget
+
+    rtn = {**RTN, "accuracy_level": 0}
+    recipe = write_recipe(
+        tmp_path, name="split", roles={"igpu": {"providers": ["CUDA", "CPU"]}, "cpu": {"providers": ["CPU"]}},
+        placement={"embed": "igpu", "attention": "cpu", "ffn": "igpu", "head": "igpu"},
+        quantization={"attention": rtn, "ffn": rtn, "lm_head": {**rtn, "scheme": "int8"}, "embedding": RTN},
+        verify={**RECIPE["verify"], "graph_max_rel_error": 10.0, "logits_max_abs_error": 100.0, "greedy_agreement": 0.0,
+                "max_perplexity_delta": 100.0},
+    )
+    split = compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "split", show_progress=False)
+    cpu = retarget(split, tmp_path / "cpu", igpu={"providers": ["CPU"]})
+    runs = []
+    for directory in (split, cpu):
+        engine = Engine(directory)
+        logits = [engine.forward(0, [5, 17, 42, 8, 99, 3, 61, 7, 12, 30, 2])]
+        for _ in range(12):
+            logits.append(engine.forward(0, [int(logits[-1].argmax())]))
+        runs.append(np.stack(logits))
+    assert {p.provider for p in Engine(split).placements} == {"CUDA", "CPU"}
+    assert np.array_equal(runs[0].argmax(-1), runs[1].argmax(-1))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-3)

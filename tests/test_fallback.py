@@ -68,23 +68,3 @@ def test_no_ep_left_is_a_clear_error(artifacts):
     with pytest.raises(TandemError, match=r"graph ffn.0 \(role igpu\): CPU: failed while running: injected: device lost; "
                                           r"no execution provider is left in its chain"):
         greedy(gen)
-
-
-def test_overlapped_micro_batches_give_the_same_logits_and_fall_back_too(artifacts, tmp_path):
-    """Overlap: a decode step of 4 rows as two micro-batches of 2, the second a graph behind the first, on a helper
-    thread. The logits equal the plain step's; an EP failing under one micro-batch is replaced for both."""
-    import numpy as np
-
-    from runtime.engine import Engine
-
-    both = retarget(artifacts["split"], tmp_path / "chains", npu=CHAIN, igpu=CHAIN)
-    plain, overlapped = Engine(both, slots=4), Engine(both, slots=4, overlap=True)
-    for engine in (plain, overlapped):
-        for slot in range(4):
-            engine.forward(slot, list(range(5 + slot, 14 + slot)))
-    fail_once(next(g for g in overlapped.graphs if g.spec.name == "ffn.0"), 2)  # in the second micro-batch's 2nd step
-    for token in (7, 8, 9):
-        np.testing.assert_allclose(overlapped.extend([0, 1, 2, 3], [[token]] * 4), plain.extend([0, 1, 2, 3], [[token]] * 4),
-                                   atol=1e-5)
-    assert next(g for g in overlapped.graphs if g.spec.name == "ffn.0").placement.index == 1
-    assert overlapped.traffic["steps"] == plain.traffic["steps"]

@@ -11,9 +11,9 @@
 #   splitprof  where a split decode step goes, on a 4-layer checkpoint of the 7B's widths: the split recipe (attention
 #          on the CPU EP, FFN on CUDA) against the same graphs all on the CPU, with the shared pool at 16 and 4
 #          threads and with per-session pools without spinning (docs/device/split_profile.py)
-#   overlap  the split placement's greedy output against the same artifact all on the CPU (generate --stats: each
-#          EP's time, the cross-EP hops and bytes a token), then batched decode with and without overlapped
-#          micro-batches (docs/device/overlap.py)
+#   splitcheck  the split placement against the same graphs all on the CPU: greedy tokens and logits
+#          (docs/device/greedy_compare.py), generate --stats (each EP's time, cross-EP hops and bytes a token); with
+#          the recipe's accuracy level 4 and with 0 (float32 activations on the CPU EP too)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 #   ovcpu  the CPU cores alone: prefill on the OpenVINO EP in bf16, decode on the CPU EP's int4 kernels
 #          (qwen2.5-7b-instruct.cpu-bf16-prefill.yaml), against the same graphs on the CPU EP alone; needs
@@ -178,19 +178,22 @@ split)
   python3 -m compiler.cli bench $W/split-cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --out $W/bench-split-cpu
   stamp "bench split on the CPU"
   ;;
-overlap)
+splitcheck)
   cd $W/src
   checkpoint
   [ -f $W/split/manifest.yaml ] || compile recipes/qwen2.5-7b-instruct.split.yaml split
-  [ -d $W/split-cpu ] || retarget split split-cpu 'for role in roles.values(): role["providers"] = [{"name": "CPU", "options": {}}]'
-  for a in split split-cpu; do  # greedy, the time in each EP and the traffic between them
-    python3 -m compiler.cli generate $W/$a "Write a Python function that checks whether a number is prime." \
-      --max-tokens 48 --temperature 0 --stats > $W/greedy-$a.txt 2> $W/greedy-$a.err
-    tail -2 $W/greedy-$a.err
+  # the same recipe with float32 activations in every MatMulNBits (the CPU EP's accuracy level 4 rounds them to int8)
+  sed 's/gptq: false}/gptq: false, accuracy_level: 0}/' recipes/qwen2.5-7b-instruct.split.yaml > $W/split0.yaml
+  [ -f $W/split0/manifest.yaml ] || compile $W/split0.yaml split0
+  for a in split split0; do
+    [ -d $W/$a-cpu ] || retarget $a $a-cpu 'for role in roles.values(): role["providers"] = [{"name": "CPU", "options": {}}]'
+    for b in $a $a-cpu; do  # each EP's time, the cross-EP hops and bytes a token
+      python3 -m compiler.cli generate $W/$b --prompt "Write a Python function that checks whether a number is prime." \
+        --max-tokens 48 --temperature 0 --stats 2>&1 > $W/greedy-$b.txt | grep "^\[" | tee $W/greedy-$b.err
+    done
+    python3 docs/device/greedy_compare.py 48 $W/$a-cpu $W/$a | tee $W/greedy-$a.json
   done
-  cmp -s $W/greedy-split.txt $W/greedy-split-cpu.txt && stamp "greedy: split = all-CPU" || stamp "greedy: split differs from all-CPU"
-  python3 docs/device/overlap.py $W/split 2,4,8 32 | tee $W/overlap-split.jsonl
-  stamp "overlap"
+  stamp "split check"
   ;;
 fpa)
   cd $W/src
@@ -287,7 +290,7 @@ wait)
 collect)
   cp $W/log "$OUT/run.log"
   for d in $W/bench-*/; do cp "$d/bench.json" "$OUT/$(basename "$d").json"; cp "$d/bench.md" "$OUT/$(basename "$d").md"; done
-  cp $W/info-*.txt $W/greedy-* $W/overlap-*.jsonl "$OUT/" 2>/dev/null || true
+  cp $W/info-*.txt $W/greedy-* "$OUT/" 2>/dev/null || true
   grep -E "Elapsed|Maximum resident" $W/genai-build-*.log $W/compile-*.log || true
   ;;
 esac
