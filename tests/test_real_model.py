@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from compiler.npu_check import targets, violations
 from runtime.manifest import load_manifest
 from tests.conftest import tandem
 
@@ -53,12 +54,18 @@ def test_default_recipe_is_int4_within_the_perplexity_target(real_artifacts):
 def test_ryzen_ai_recipe_falls_back_to_cpu_quantized_for_the_npu(real_artifacts):
     info = tandem("info", str(real_artifacts["ryzen-ai"])).stdout
     rows = [line.split() for line in info.splitlines() if line.startswith(("attention.", "ffn."))]
-    assert len(rows) == 48
-    assert all(r[1:4] == ["npu", "VitisAI", "CPU"] for r in rows if r[0].startswith("attention."))
-    assert all(r[1:4] == ["igpu", "MIGraphX", "CPU"] for r in rows if r[0].startswith("ffn."))
+    attention, ffn = [r for r in rows if r[0].startswith("attention.")], [r for r in rows if r[0].startswith("ffn.")]
+    assert len(attention) == 48 and len(ffn) == 24  # static attention: a decode and a prefill session each
+    assert all(r[1] == "npu" and r[3:5] == ["VitisAI", "CPU"] for r in attention)
+    assert sorted({r[2] for r in attention}) == ["decode", "prefill"]
+    assert all(r[1:4] == ["igpu", "MIGraphX", "CPU"] for r in ffn)
     fp32 = json.loads((real_artifacts["fp32"] / "verify.json").read_text())
-    quantized_report(real_artifacts["ryzen-ai"], fp32, rss_fraction=1.0)  # 50 sessions, one per graph
+    quantized_report(real_artifacts["ryzen-ai"], fp32, rss_fraction=1.0)  # 74 sessions
     manifest = load_manifest(real_artifacts["ryzen-ai"])
     attention = next(g for g in manifest.graphs if g.name == "attention.0")
-    ops = {n.op_type for n in onnx.load(real_artifacts["ryzen-ai"] / attention.file, load_external_data=False).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops and "MatMulNBits" not in ops
+    assert attention.dialect == "static" and attention.prefill is not None
+    for file in (attention.file, attention.prefill.file):
+        model = onnx.load(real_artifacts["ryzen-ai"] / file, load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops and "MatMulNBits" not in ops
+        assert violations(model, targets(manifest.roles["npu"].providers)) == []  # A16W8 column, fixed shapes
