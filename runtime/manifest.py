@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runtime.errors import TandemError
 from runtime.yamlfile import load_mapping
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: roles and graphs carry a dialect (static graphs: a prefill form); version 1 still loads
 MANIFEST = "manifest.yaml"
 ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
 GENERATION_CONFIG = "generation_config.json"
