@@ -2,6 +2,7 @@
 # Qwen2.5-7B (random weights, real config) on the lent GPU machine. Stages, run in the order given:
 #   run    the fused CUDA recipe (CUDA graphs for decode) against the same artifact without them, ORT GenAI and
 #          transformers on the same card; first the CUDA-graph test on the tiny model (tests/test_cuda.py)
+#   quick  the CUDA recipe against ORT GenAI with CUDA graphs only (no transformers, no tests): for a short stretch
 #   cpu    the CPU recipe on the machine's CPU cores against ORT GenAI's CPU int4 build
 #   split  the split placement (attention on the CPU EP, FFN on CUDA), and the same artifact on the CPU cores alone
 #   fpa    ORT's fpA_intB (TensorRT-LLM) MatMulNBits kernels through the session entry ep.cuda.fpa_intb_gemm, with
@@ -160,6 +161,14 @@ run)
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer tandem:$W/cuda-plain --peer genai:$W/genai-cuda --peer transformers:$W/q7b --out $W/bench-cuda
   stamp "bench cuda"
+  ;;
+quick)
+  cd $W/src
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  genai_graphs
+  python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer genai:$W/genai-cuda-graphs --out $W/bench-quick
+  stamp "bench quick"
   ;;
 cpu)
   cd $W/src
