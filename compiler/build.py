@@ -156,8 +156,6 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
     }
 
 
-
-
 def finish_graph(
     file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str,
     hessians: Path | None = None,
@@ -228,11 +226,11 @@ def _done(value) -> Future:
 
 def _calibrated(
     unit: GraphPlan, file: Path, samples: list[np.ndarray], source: ModelSource, rope: np.ndarray,
-    quantization: Quantization, recipe: Recipe, pool: Executor, done: dict[str, Future],
+    quantization: Quantization, recipe: Recipe, pool: Executor, done: dict[str, Future], form: tuple[str, int],
 ) -> list[np.ndarray]:
-    """Build a block, run the calibration text through it in float32 and submit its quantization; returns the samples
-    it carries on to the next block."""
-    model = build_graph(unit, source.tensor, source.config, recipe.roles[unit.role].dialect, recipe.max_context)
+    """Build a block (form: build_graph's dialect and capacity), run the calibration text through it in float32 and
+    submit its quantization; returns the samples it carries on to the next block."""
+    model = build_graph(unit, source.tensor, source.config, *form)
     inputs, grams = tensor_specs(model.graph.input), gptq_inputs(model, quantization)
     _save(model, file)
     del model
@@ -275,10 +273,10 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             while len(running := [f for f in done.values() if not f.done()]) > jobs:
                 wait(running, return_when=FIRST_COMPLETED)
             file = graphs_dir / f"{unit.name}.onnx"
+            form = (recipe.roles[unit.role].dialect, recipe.max_context)
             if samples:
-                samples = _calibrated(unit, file, samples, source, rope, quantization, recipe, pool, done)
+                samples = _calibrated(unit, file, samples, source, rope, quantization, recipe, pool, done, form)
             else:  # independent blocks: a worker builds it too
-                form = (recipe.roles[unit.role].dialect, recipe.max_context)
                 done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype, form)
             if all(f.done() for f in done.values()):  # always with --jobs 1; with more, when the workers catch up
                 state.record({name: f.result() for name, f in done.items()}, samples)

@@ -56,7 +56,7 @@ class GraphRunner:
         inputs = [values[name] for name in self._inputs]
         last = self._last.get(batch)
         if last is not None and all(a is b for a, b in zip(last[0], inputs)):
-            kept, options, moved = last[1:]  # a decode step on the buffers bound last time: nothing to bind
+            kept, options, moved = *last[1:], 0  # a decode step on the buffers bound last time: nothing to bind
         else:
             kept, options, moved = self._bind(binding, batch, inputs)
         self.moved += moved
@@ -99,7 +99,7 @@ class GraphRunner:
         # stale at the next step) or after a prefill chunk (which rebound it)
         moved = sum(v.tensor_size_in_bytes() for v in inputs if v.device_name().lower() != self.placement.device)
         if decode and not moved:
-            self._last[batch] = (inputs, kept, options, moved)
+            self._last[batch] = (inputs, kept, options)
         else:
             self._last.pop(batch, None)
         return kept, options, moved
