@@ -45,11 +45,12 @@ log = logging.getLogger("tandem")
 
 def compile_recipe(
     recipe_path: Path | str, model: str | None = None, out: Path | str | None = None, show_progress: bool = True,
-    max_context: int | None = None, jobs: int = 1, resume: bool = False,
+    max_context: int | None = None, jobs: int = 1, resume: bool = False, fuse: bool | None = None,
 ) -> Path:
     """Compile a recipe into an artifact directory; nothing appears at `out` unless every step, verify included, passed.
 
-    max_context overrides the recipe's (the KV cache capacity), e.g. for a long-context build of the same recipe.
+    max_context overrides the recipe's (the KV cache capacity), e.g. for a long-context build of the same recipe;
+    fuse overrides its layout (one linked graph, or a graph per block alternating between roles).
     jobs: graphs quantized at once, each in its own process (memory grows with it: one graph's worth each).
     resume: go on from the blocks an interrupted build of `out` (same recipe and model) finished.
     """
@@ -58,11 +59,12 @@ def compile_recipe(
     if jobs < 1:
         raise TandemError(f"--jobs {jobs}: at least 1")
     recipe = load_recipe(recipe_path)
-    if max_context is not None:
+    if changes := {k: v for k, v in {"max_context": max_context, "fuse": fuse}.items() if v is not None}:
         try:
-            recipe = Recipe.model_validate({**recipe.model_dump(), "max_context": max_context})
+            recipe = Recipe.model_validate({**recipe.model_dump(), **changes})
         except ValidationError as e:
-            raise TandemError(format_validation_error(f"{recipe_path} with --max-context {max_context}", e)) from None
+            flags = ", ".join(f"{k} {v}" for k, v in changes.items())
+            raise TandemError(format_validation_error(f"{recipe_path} with {flags}", e)) from None
     source = open_source(model or recipe.model)
     out = Path(out or Path("artifacts") / recipe.name)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -23,8 +23,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     _require_compiler()
     from compiler.build import compile_recipe
 
+    fuse = None if args.layout is None else args.layout == "fused"
     out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet, max_context=args.max_context,
-                         jobs=args.jobs, resume=args.resume)
+                         jobs=args.jobs, resume=args.resume, fuse=fuse)
     report = json.loads((out / "verify.json").read_text())
     _print_report(report)
     print(f"wrote {out}")
@@ -80,6 +81,16 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({size / 1e9:.2f} GB, {config['num_hidden_layers']} layers, seed {args.seed})")
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    _require_compiler()
+    from compiler.export_hf import export_hf
+    from compiler.source import open_source
+
+    out = export_hf(open_source(args.model), args.output)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e9:.2f} GB, float32)")
+
+
 def _print_report(report: dict) -> None:
     worst = max(report["graphs"], key=lambda g: g["max_rel_error"])
     print(f"verify: {len(report['graphs'])} graphs, worst max rel error {worst['max_rel_error']:.2e} ({worst['graph']})", file=sys.stderr)
@@ -106,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="checkpoint dir, hub id in the local cache, .gguf file, or 'default'")
     c.add_argument("-o", "--output", type=Path, default=None, help="artifact directory (default: artifacts/<recipe name>)")
     c.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the recipe's)")
+    c.add_argument("--layout", choices=["fused", "alternating"], default=None,
+                   help="one linked graph, or a graph per block alternating between roles (default: the recipe's `fuse`)")
     c.add_argument("--jobs", type=int, default=1, help="graphs quantized at once, one process each (memory: one graph each)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--resume", action="store_true",
@@ -124,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size")
     m.add_argument("--jobs", type=int, default=4, help="tensors drawn at once, one thread each (values do not depend on it)")
     m.set_defaults(func=cmd_make_checkpoint)
+    e = sub.add_parser("export-hf", help="a model source as an fp32 Hugging Face checkpoint (for peers that read only those)")
+    e.add_argument("model", help="checkpoint dir, hub id in the local cache, .gguf file, or 'default'")
+    e.add_argument("-o", "--output", type=Path, required=True)
+    e.set_defaults(func=cmd_export_hf)
     c = sub.add_parser("compare", help="artifacts of the same weights vs the fp32 reference on held-out text")
     c.add_argument("artifacts", type=Path, nargs="+")
     c.add_argument("--eval-windows", type=int, default=40)

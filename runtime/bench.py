@@ -4,6 +4,7 @@ Every system runs in its own process (so memory is its own), one after another, 
 greedy, batch 1, the median of `repeats` runs per prompt length. TTFT is prompt in -> first token chosen; decode
 tokens/s is over the `new_tokens` after it, so "decode at 1K" is the row whose prompt had 1024 tokens.
 Peers are optional: `genai:DIR` (an ONNX Runtime GenAI model folder, e.g. its builder's output),
+`llamacpp:FILE.gguf` (llama.cpp through llama-cpp-python; `llamacpp:default` is the default model's own GGUF),
 `transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU) and `optimum:DIR` (optimum's
 ORTModelForCausalLM, from its export or a checkpoint); a missing package skips it.
 """
@@ -26,7 +27,7 @@ from runtime.errors import TandemError
 from runtime.manifest import load_manifest
 from runtime.roofline import bytes_per_token, memory_bandwidth
 
-CONTEXT = 4096  # the KV cache a peer with a preallocated one is given (tandem's is the artifact's capacity)
+CONTEXT = 4096  # the least KV cache a system is given (more where the longest prompt and its reply need it)
 TEXT = "The quick brown fox jumps over the lazy dog while the compiler schedules attention and feed-forward blocks. "
 
 EXTRA: dict[str, Callable[[], object]] = {}  # more figures a system reports after its runs
@@ -42,12 +43,12 @@ def prompt_ids(tokenizer_dir: Path, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def _ours(directory: str, threads: int) -> tuple[Runner, str]:
+def _ours(directory: str, threads: int, context: int) -> tuple[Runner, str]:
     from runtime.engine import Engine
     from runtime.providers import share_threads
 
     share_threads(threads)  # this process makes no other sessions
-    engine = Engine(directory, slots=1, threads=threads)
+    engine = Engine(directory, slots=1, threads=threads)  # its KV cache: the artifact's max_context
     providers = sorted({p.resolved for p in engine.placements})
     EXTRA["time_by_provider_s"] = engine.time_share  # read when the runs are done
     EXTRA["time_by_graph_kind_s"] = lambda: _by_kind(engine)
@@ -68,7 +69,7 @@ def _by_kind(engine) -> dict[str, float]:
     return share
 
 
-def _genai(directory: str, threads: int) -> tuple[Runner, str]:
+def _genai(directory: str, threads: int, context: int) -> tuple[Runner, str]:
     import onnxruntime_genai as og
 
     model = og.Model(directory)
@@ -80,7 +81,7 @@ def _genai(directory: str, threads: int) -> tuple[Runner, str]:
 
     def prefill(ids: list[int]) -> int:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=CONTEXT, do_sample=False)  # its KV cache: CONTEXT positions, as ours
+        params.set_search_options(max_length=context, do_sample=False)  # its KV cache: `context` positions, as ours
         state["gen"] = og.Generator(model, params)
         state["gen"].append_tokens(np.array([ids], dtype=np.int32))
         return next_token()
@@ -88,7 +89,27 @@ def _genai(directory: str, threads: int) -> tuple[Runner, str]:
     return (prefill, lambda token: next_token(), state.clear), f"onnxruntime-genai {og.__version__}"
 
 
-def _transformers(spec: str, threads: int) -> tuple[Runner, str]:
+def _llamacpp(path: str, threads: int, context: int) -> tuple[Runner, str]:
+    """llama.cpp's own greedy choice: the argmax of the last position's logits, as for every system here."""
+    import llama_cpp
+
+    if not path.endswith(".gguf"):  # a packaged model's name, as `tandem compile --model` takes it
+        from compiler.packaged_models import DEFAULT, packaged_model_path
+
+        path = str(packaged_model_path(DEFAULT if path == "default" else path))
+    threads = threads or os.cpu_count() or 1
+    model = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                            verbose=False)
+    vocab = model.n_vocab()
+
+    def run(ids: list[int]) -> int:
+        model.eval(ids)  # appends to its KV cache; reset() rewinds it
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(vocab,))))
+
+    return (run, lambda token: run([token]), model.reset), f"llama.cpp {llama_cpp.__version__}"
+
+
+def _transformers(spec: str, threads: int, context: int) -> tuple[Runner, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +131,7 @@ def _transformers(spec: str, threads: int) -> tuple[Runner, str]:
     return (lambda ids: run(ids), lambda token: run([token]), state.clear), f"transformers {dtype or 'bfloat16'} {device}"
 
 
-def _optimum(directory: str, threads: int) -> tuple[Runner, str]:
+def _optimum(directory: str, threads: int, context: int) -> tuple[Runner, str]:
     """optimum's ORTModelForCausalLM on the CPU EP: an optimum-exported model folder, or a checkpoint (exported
     to fp32 ONNX at load, outside the timings)."""
     from importlib.metadata import version
@@ -137,7 +158,7 @@ def _optimum(directory: str, threads: int) -> tuple[Runner, str]:
     return (run, lambda token: run([token]), state.clear), f"optimum-onnx {version('optimum-onnx')} ORTModelForCausalLM"
 
 
-SYSTEMS = {"tandem": _ours, "genai": _genai, "transformers": _transformers, "optimum": _optimum}
+SYSTEMS = {"tandem": _ours, "genai": _genai, "llamacpp": _llamacpp, "transformers": _transformers, "optimum": _optimum}
 
 
 def _memory() -> dict[str, int]:
@@ -157,7 +178,8 @@ def _memory() -> dict[str, int]:
 
 def measure(system: str, target: str, lengths: list[int], new_tokens: int, repeats: int, tokenizer: Path, threads: int) -> dict:
     """One system, in this process: a warm-up, then each prompt length `repeats` times."""
-    (prefill, step, reset), label = SYSTEMS[system](target, threads)
+    context = max(CONTEXT, max(lengths) + new_tokens + 1)
+    (prefill, step, reset), label = SYSTEMS[system](target, threads, context)
     warm = prompt_ids(tokenizer, 16)
     token = prefill(warm)
     for _ in range(4):

@@ -9,6 +9,7 @@ from runtime.bench import bench
 from runtime.manifest import load_manifest
 from runtime.roofline import bytes_per_token
 from tests.conftest import tandem
+from tests.tiny import make_gguf
 
 
 def test_bench_runs_ours_and_a_peer_side_by_side(artifacts, checkpoint, tmp_path):
@@ -37,3 +38,13 @@ def test_optimum_peer_gives_our_greedy_reply(artifacts, checkpoint):
     pytest.importorskip("optimum.onnxruntime")
     ours, peer = bench(artifacts["fused"], [f"optimum:{checkpoint}"], [8], 6, 1, 1)["results"]
     assert peer["system"] == "optimum" and peer["tokens"] == ours["tokens"] and len(ours["tokens"]) == 7
+
+
+def test_llamacpp_peer_gives_our_greedy_reply(artifacts, checkpoint, tmp_path):
+    """llama.cpp (the `llamacpp` extra) on the same weights, written as a float32 GGUF of llama.cpp's layout."""
+    pytest.importorskip("llama_cpp")
+    gguf = make_gguf(checkpoint, tmp_path / "tiny.gguf")
+    ours, peer = bench(artifacts["fused"], [f"llamacpp:{gguf}"], [8, 24], 6, 1, 1)["results"]
+    assert peer["system"] == "llamacpp" and peer["label"].startswith("llama.cpp ")
+    assert [row["prompt_tokens"] for row in peer["rows"]] == [8, 24]
+    assert peer["tokens"] == ours["tokens"] and len(ours["tokens"]) == 7

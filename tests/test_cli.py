@@ -72,3 +72,19 @@ def test_max_context_beyond_the_artifacts_is_one_line(artifacts):
     argv = ["generate", str(artifacts["fused"]), "--prompt", "x", "--max-context", "1000"]
     proc = subprocess.run([sys.executable, "-m", "compiler.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("error: KV cache capacity 1000: must be 1 to the artifact's 96")
+
+
+def test_layout_flag_compiles_the_fused_recipe_alternating(artifacts, checkpoint, tmp_path):
+    """--layout alternating: the fused recipe's blocks as graphs of their own, the same greedy reply."""
+    import yaml
+
+    from runtime.manifest import load_manifest
+
+    recipe = tmp_path / "fused.yaml"
+    recipe.write_text(yaml.safe_dump(load_manifest(artifacts["fused"]).recipe))
+    out = tmp_path / "alternating"
+    tandem("compile", str(recipe), "--model", str(checkpoint), "-o", str(out), "--layout", "alternating", "--quiet")
+    fused, alternating = load_manifest(artifacts["fused"]), load_manifest(out)
+    assert len(fused.graphs) == 1 and [g.blocks for g in alternating.graphs][:3] == [["embed"], ["attention.0"], ["ffn.0"]]
+    argv = ["--prompt", "def fib", "--max-tokens", "8", "--temperature", "0"]
+    assert tandem("generate", str(out), *argv).stdout == tandem("generate", str(artifacts["fused"]), *argv).stdout

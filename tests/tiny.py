@@ -62,3 +62,45 @@ def make_checkpoint(
                 p.normal_(0, 0.2)
     model.save_pretrained(directory)
     return directory
+
+
+def make_gguf(checkpoint: Path, path: Path) -> Path:
+    """The checkpoint as a float32 GGUF file of llama.cpp's qwen2 layout (its tensor names, hyperparameters and BPE
+    vocabulary), for peers that read GGUF."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    from compiler.source import GGUF_NAMES, model_config
+
+    config = model_config(json.loads((checkpoint / "config.json").read_text()))
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    to_gguf = {hf: name for name, hf in GGUF_NAMES.items()}
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = {**tokenizer["model"]["vocab"], **{t["content"]: t["id"] for t in tokenizer["added_tokens"]}}
+    tokens = sorted(vocab, key=vocab.get) + [f"[PAD{i}]" for i in range(len(vocab), config.vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS or t.startswith("[PAD") else gguf.TokenType.NORMAL
+                            for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    for name, tensor in load_file(checkpoint / "model.safetensors").items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        key = to_gguf[".".join(name.split(".")[3:])] if layer else to_gguf[name]
+        writer.add_tensor(f"blk.{layer}.{key}" if layer else key, tensor.to(torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
