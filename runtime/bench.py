@@ -270,7 +270,8 @@ def markdown(report: dict) -> str:
                          f"{traffic['bytes_moved_per_token'] / 1e3:.1f} kB a token moved between devices")
         if r["system"] != "tandem" and ours:
             same = sum(a == b for a, b in zip(ours, r["tokens"]))
-            lines.append(f"\n{r['system']}: greedy reply to the first prompt equals tandem's in {same} of {len(ours)} tokens")
+            lines.append(f"\n{r['system']} ({r['label']}): greedy reply to the first prompt equals tandem's in {same} of "
+                         f"{len(ours)} tokens")
     lines += [f"\nskipped {s['system']} ({s['target']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -22,7 +22,7 @@ def test_bench_runs_ours_and_a_peer_side_by_side(artifacts, checkpoint, tmp_path
     assert [row["prompt_tokens"] for row in ours["rows"]] == [8, 24]
     # the same fp32 weights and prompt: the same greedy reply, token for token
     assert len(ours["tokens"]) == 7 and ours["tokens"] == peer["tokens"]
-    assert "greedy reply to the first prompt equals tandem's in 7 of 7 tokens" in proc.stdout
+    assert "transformers (transformers float32 cpu): greedy reply to the first prompt equals tandem's in 7 of 7 tokens" in proc.stdout
     # the graphs ran on the CPU EP, so decode is set against the host's measured memory bandwidth
     bandwidth, manifest = report["memory_bandwidth_bytes_per_s"], load_manifest(artifacts["fused"])
     for row in ours["rows"]:
