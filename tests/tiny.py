@@ -68,8 +68,8 @@ def make_gguf(checkpoint: Path, path: Path) -> Path:
     """The checkpoint as a float32 GGUF file of llama.cpp's qwen2 layout (its tensor names, hyperparameters and BPE
     vocabulary), for peers that read GGUF."""
     import gguf
-    import torch
-    from safetensors.torch import load_file
+    import numpy as np
+    from safetensors.numpy import load_file
 
     from compiler.source import GGUF_NAMES, model_config
 
@@ -98,7 +98,7 @@ def make_gguf(checkpoint: Path, path: Path) -> Path:
     for name, tensor in load_file(checkpoint / "model.safetensors").items():
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
         key = to_gguf[".".join(name.split(".")[3:])] if layer else to_gguf[name]
-        writer.add_tensor(f"blk.{layer}.{key}" if layer else key, tensor.to(torch.float32).numpy())
+        writer.add_tensor(f"blk.{layer}.{key}" if layer else key, tensor.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
