@@ -27,6 +27,7 @@ from runtime.engine import Engine, StepInputs, rope_values, runner, static_table
 from runtime.kv_cache import KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
 from runtime.providers import Placement, session_options
+from runtime.qdq_cpu import cpu_form
 from runtime.tokenizer import Tokenizer
 
 PREFIX, SUFFIX = 7, 5  # verify a graph in two calls: a prefill of PREFIX tokens, then SUFFIX more over the cache
@@ -145,7 +146,8 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
 def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
     """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
     form = spec.prefill or spec  # a static graph's prefill form takes both calls
-    session = ort.InferenceSession(str(directory / form.file), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
+    with cpu_form(directory / form.file) as model:  # as the engine loads it on the CPU EP
+        session = ort.InferenceSession(str(model), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     graph = runner(form, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)
     static = static_tables(directory, form) if names.ROPE_COS in form.inputs else None

@@ -3,7 +3,8 @@
 Every system runs in its own process (so memory is its own), one after another, on the same prompt token ids:
 greedy, batch 1, the median of `repeats` runs per prompt length. TTFT is prompt in -> first token chosen; decode
 tokens/s is over the `new_tokens` after it, so "decode at 1K" is the row whose prompt had 1024 tokens.
-Peers are optional: `genai:DIR` (an ONNX Runtime GenAI model folder, e.g. its builder's output),
+Peers are optional: `tandem:DIR` (another artifact: a layout or recipe against this one), `genai:DIR` (an ONNX
+Runtime GenAI model folder, e.g. its builder's output),
 `llamacpp:FILE.gguf` (llama.cpp through llama-cpp-python; `llamacpp:default` is the default model's own GGUF),
 `transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU) and `optimum:DIR` (optimum's
 ORTModelForCausalLM, from its export or a checkpoint); a missing package skips it.
@@ -57,7 +58,7 @@ def _ours(directory: str, threads: int, context: int) -> tuple[Runner, str]:
         lambda ids: int(np.argmax(engine.forward(0, ids))),
         lambda token: int(np.argmax(engine.forward(0, [token]))),
         lambda: engine.reset(0),
-    ), "+".join(providers)
+    ), f"{Path(directory).name} on {'+'.join(providers)}"  # the folder: two artifacts of one recipe side by side
 
 
 def _by_kind(engine) -> dict[str, float]:
@@ -223,7 +224,7 @@ def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int,
     report = {"date": date.today().isoformat(), "machine": _machine(), "new_tokens": new_tokens, "repeats": repeats,
               "results": results, "skipped": skipped}
     ours = next((r for r in results if r["system"] == "tandem"), None)
-    if ours and ours["label"] == "CPU":  # the host's memory bounds decode only where the graphs run on the host
+    if ours and ours["label"].endswith(" on CPU"):  # the host's memory bounds decode only where the graphs run on the host
         bandwidth, manifest = memory_bandwidth(threads), load_manifest(artifact, check_files=False)
         report["memory_bandwidth_bytes_per_s"] = bandwidth
         for row in ours["rows"]:
@@ -259,18 +260,20 @@ def markdown(report: dict) -> str:
     if bandwidth := report.get("memory_bandwidth_bytes_per_s"):
         lines.append(f"\ndecode bound: measured read bandwidth {bandwidth / 1e9:.1f} GB/s over the bytes a step reads "
                      "(weights but the embedding table, and the KV cache at that context)")
-    ours = next((r["tokens"] for r in report["results"] if r["system"] == "tandem"), [])
+    first = next(iter(report["results"]), None)
+    ours = first["tokens"] if first and first["system"] == "tandem" else []
     for r in report["results"]:
+        name = f"{r['system']} ({r['label']})"
         for key, what in (("time_by_provider_s", "EP"), ("time_by_graph_kind_s", "graph kind")):
             if share := r.get(key):
                 total = sum(share.values()) or 1.0
-                lines.append(f"\n{r['system']}: time in graphs by {what}: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
+                lines.append(f"\n{name}: time in graphs by {what}: " + ", ".join(f"{p} {t / total:.0%}" for p, t in share.items()))
         if traffic := r.get("traffic"):
-            lines.append(f"\n{r['system']}: {traffic['cross_ep_hops_per_step']:.1f} cross-EP hops a step, "
+            lines.append(f"\n{name}: {traffic['cross_ep_hops_per_step']:.1f} cross-EP hops a step, "
                          f"{traffic['bytes_moved_per_token'] / 1e3:.1f} kB a token moved between devices")
-        if r["system"] != "tandem" and ours:
+        if r is not first and ours:
             same = sum(a == b for a, b in zip(ours, r["tokens"]))
-            lines.append(f"\n{r['system']} ({r['label']}): greedy reply to the first prompt equals tandem's in {same} of "
+            lines.append(f"\n{name}: greedy reply to the first prompt equals tandem's in {same} of "
                          f"{len(ours)} tokens")
     lines += [f"\nskipped {s['system']} ({s['target']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-lengths", default="32,1024", help="comma-separated prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed after each prompt")
     p.add_argument("--repeats", type=int, default=3, help="runs per prompt length (the median is reported)")
-    p.add_argument("--peer", action="append", default=[], help="genai:DIR, llamacpp:FILE.gguf, transformers:CHECKPOINT[:DTYPE] or optimum:DIR (repeatable)")
+    p.add_argument("--peer", action="append", default=[], help="tandem:DIR, genai:DIR, llamacpp:FILE.gguf, transformers:CHECKPOINT[:DTYPE] or optimum:DIR (repeatable)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md and the plots")
     p.set_defaults(func=cmd_bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -12,6 +13,7 @@ import onnxruntime as ort
 
 from runtime.errors import TandemError
 from runtime.manifest import ProviderSpec, Setting
+from runtime.qdq_cpu import cpu_form
 
 log = logging.getLogger("tandem")
 
@@ -106,7 +108,8 @@ def session_options(threads: int, provider: str) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if provider == "CPUExecutionProvider" and not _exact_integer_matmul():
-        # QDQ graphs (int8-qdq blocks) then run Q/DQ and an fp32 MatMul: the same quantized arithmetic, exactly
+        # the activations' Q/DQ of QDQ graphs then run as they are, not fused into that MatMul (runtime.qdq_cpu
+        # runs their weights' MatMuls as MatMulNBits)
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
 
@@ -133,7 +136,8 @@ def create_session(
             settings = session_options(threads, spec.ort_name)
             for key, value in _strings(spec.session).items():
                 settings.add_session_config_entry(key, value)
-            session = ort.InferenceSession(str(path), settings, providers=[(spec.ort_name, options)])
+            with cpu_form(path) if spec.ort_name == "CPUExecutionProvider" else nullcontext(path) as model:
+                session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {first_line(e)}")
             continue

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from runtime.bench import bench
+from runtime.bench import bench, markdown
 from runtime.manifest import load_manifest
 from runtime.roofline import bytes_per_token
 from tests.conftest import tandem
@@ -29,7 +29,7 @@ def test_bench_runs_ours_and_a_peer_side_by_side(artifacts, checkpoint, tmp_path
         assert row["decode_bound_tokens_per_s"] == bandwidth / bytes_per_token(manifest, row["prompt_tokens"])
     assert list(ours["time_by_graph_kind_s"]) == ["attention+embed+ffn+head"] and list(ours["time_by_provider_s"]) == ["CPU"]
     assert [s["system"] for s in report["skipped"]] == ["genai"]  # not installed here: skipped with its reason
-    assert (out / "bench.md").read_text().count("| tandem (CPU) |") == 2
+    assert (out / "bench.md").read_text().count("| tandem (fused on CPU) |") == 2
     assert (out / "bench-speed.png").read_bytes()[:4] == b"\x89PNG" and (out / "bench-time-share.png").exists()
 
 
@@ -48,3 +48,13 @@ def test_llamacpp_peer_gives_our_greedy_reply(artifacts, checkpoint, tmp_path):
     assert peer["system"] == "llamacpp" and peer["label"].startswith("llama.cpp ")
     assert [row["prompt_tokens"] for row in peer["rows"]] == [8, 24]
     assert peer["tokens"] == ours["tokens"] and len(ours["tokens"]) == 7
+
+
+def test_another_artifact_runs_beside_ours(artifacts):
+    """`tandem:DIR`: the fused and the one-graph-per-block layouts of one model, told apart by their folders."""
+    report = bench(artifacts["fused"], [f"tandem:{artifacts['split']}"], [8], 6, 1, 1)
+    fused, split = report["results"]
+    assert (fused["label"], split["label"]) == ("fused on CPU", "split on CPU")
+    assert split["tokens"] == fused["tokens"] and len(fused["tokens"]) == 7
+    assert set(split["time_by_graph_kind_s"]) == {"attention", "embed", "ffn", "head"}
+    assert "tandem (split on CPU): greedy reply to the first prompt equals tandem's in 7 of 7 tokens" in markdown(report)
