@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
 def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
     """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
     form = spec.prefill or spec  # a static graph's prefill form takes both calls
-    with cpu_form(directory / form.file) as model:  # as the engine loads it on the CPU EP
+    with cpu_form(directory / form.file) if spec.qdq else nullcontext(directory / form.file) as model:  # as the engine loads it
         session = ort.InferenceSession(str(model), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     graph = runner(form, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)

@@ -341,7 +341,8 @@ class Engine:
         self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
 
     def _runner(self, spec: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
-        return runner(spec, *create_session(spec.name, self.directory / spec.file, spec.role, chain, self.threads, phase))
+        return runner(spec, *create_session(spec.name, self.directory / spec.file, spec.role, chain, self.threads, phase,
+                                            qdq=spec.qdq))
 
     @property
     def runners(self) -> list[GraphRunner | StaticRunner]:
@@ -450,7 +451,8 @@ class Engine:
             raise TandemError(f"graph {graph.spec.name} (role {graph.spec.role}): {reason}; no execution provider is left "
                               "in its chain") from error
         session, placement = create_session(graph.spec.name, self.directory / graph.spec.file, graph.spec.role, chain,
-                                            self.threads, failed.phase, failed.index + 1, [*failed.skipped, reason])
+                                            self.threads, failed.phase, failed.index + 1, [*failed.skipped, reason],
+                                            qdq=graph.spec.qdq)
         if graph._cache and placement.device != self.cache.device:
             raise TandemError(f"graph {graph.spec.name}: {reason}; the next EP of its chain, {placement.provider}, runs "
                               f"on {placement.device}, but the KV cache it reads is on {self.cache.device}") from error

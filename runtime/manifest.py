@@ -159,6 +159,11 @@ class GraphSpec(Strict):
     outputs: dict[str, TensorSpec]
     prefill: "GraphSpec | None" = None  # static dialect: the prompt-chunk form (`file` is the one-token decode form)
 
+    @property
+    def qdq(self) -> bool:
+        """Whether its weights are int8 QDQ (runtime.qdq_cpu rewrites those for the CPU EP)."""
+        return any(scheme.startswith("int8-qdq") for scheme in self.quantization.values())
+
 
 class KVCacheSpec(Strict):
     layers: int

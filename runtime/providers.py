@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -13,7 +13,6 @@ import onnxruntime as ort
 
 from runtime.errors import TandemError
 from runtime.manifest import ProviderSpec, Setting
-from runtime.qdq_cpu import cpu_form
 
 log = logging.getLogger("tandem")
 
@@ -121,10 +120,11 @@ def _strings(settings: dict[str, Setting]) -> dict[str, str]:
 
 def create_session(
     graph: str, path: Path, role: str, chain: list[ProviderSpec], threads: int, phase: str = "", start: int = 0,
-    skipped: Sequence[str] = (),
+    skipped: Sequence[str] = (), qdq: bool = False,
 ) -> tuple[ort.InferenceSession, Placement]:
     """Create the session on the first EP of the chain, from position `start`, that is available and accepts the
-    graph. `skipped`: why the entries before `start` were passed over (a fallback after one failed while running)."""
+    graph. `skipped`: why the entries before `start` were passed over (a fallback after one failed while running).
+    `qdq`: the graph's weights are int8 QDQ, which the CPU EP gets as MatMulNBits (runtime.qdq_cpu)."""
     available = set(ort.get_available_providers())
     placement = Placement(graph, role, [p.name for p in chain], provider="", skipped=list(skipped), phase=phase)
     for index, spec in enumerate(chain[start:], start):
@@ -136,7 +136,7 @@ def create_session(
             settings = session_options(threads, spec.ort_name)
             for key, value in _strings(spec.session).items():
                 settings.add_session_config_entry(key, value)
-            with cpu_form(path) if spec.ort_name == "CPUExecutionProvider" else nullcontext(path) as model:
+            with cpu_form(path) if qdq and spec.ort_name == "CPUExecutionProvider" else nullcontext(path) as model:
                 session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {first_line(e)}")
@@ -147,6 +147,13 @@ def create_session(
                         "; ".join(placement.skipped), spec.name)
         return session, placement
     raise TandemError(f"graph {graph} ({path.name}): no execution provider of role {role} can run it: {'; '.join(placement.skipped)}")
+
+
+def cpu_form(path: Path) -> AbstractContextManager[Path]:
+    """runtime.qdq_cpu.cpu_form, imported here: it needs onnx, which a runtime without QDQ graphs never loads."""
+    from runtime.qdq_cpu import cpu_form as rewritten
+
+    return rewritten(path)
 
 
 def first_line(error: Exception) -> str:
