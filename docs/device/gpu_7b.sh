@@ -16,6 +16,10 @@
 #          (docs/device/greedy_compare.py), generate --stats (each EP's time, cross-EP hops and bytes a token); with
 #          the recipe's accuracy level 4 and with 0 (float32 activations on the CPU EP too)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
+#   mem    where the CUDA recipe's GPU memory goes: as it is, with its weights outside the arena
+#          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
+#          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
+#   memstages  the CUDA recipe's GPU memory after each stage of loading and running it (docs/device/gpu_memory.py)
 #   ovcpu  the CPU cores alone: prefill on the OpenVINO EP in bf16, decode on the CPU EP's int4 kernels
 #          (qwen2.5-7b-instruct.cpu-bf16-prefill.yaml), against the same graphs on the CPU EP alone; needs
 #          onnxruntime-openvino's wheel (.device/ov.partN), not onnxruntime-gpu's
@@ -169,6 +173,27 @@ quick)
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer genai:$W/genai-cuda-graphs --out $W/bench-quick
   stamp "bench quick"
+  ;;
+mem)
+  cd $W/src
+  checkpoint
+  compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  retarget cuda cuda-init 'for p in roles["igpu"]["providers"]: p["session"] = {"session.use_device_allocator_for_initializers": 1}'
+  rm -rf $W/src2 && cp -r $W/src $W/src2
+  sed -i 's/ort.OrtArenaCfg(0, -1, -1, -1)/ort.OrtArenaCfg(0, 1, -1, -1)/' $W/src2/runtime/providers.py
+  grep -n "OrtArenaCfg(0, 1" $W/src2/runtime/providers.py
+  python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-init --out $W/bench-mem
+  (cd $W/src2 && python3 -m compiler.cli bench $W/cuda-init --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --out $W/bench-mem-same)
+  stamp "bench mem"
+  ;;
+memstages)
+  cd $W/src
+  checkpoint
+  [ -f $W/cuda/manifest.yaml ] || compile recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  python3 docs/device/gpu_memory.py $W/cuda
+  stamp "memory stages"
   ;;
 cpu)
   cd $W/src
