@@ -8,7 +8,6 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from runtime import manifest as names
 from runtime.engine import Engine, StepInputs, rope_values, runner, static_tables
 from runtime.kv_cache import KVCache
 from runtime.manifest import GraphSpec, Manifest, load_manifest
-from runtime.providers import Placement, session_options
-from runtime.qdq_cpu import cpu_form
+from runtime.providers import Placement, model_file, session_options
 from runtime.tokenizer import Tokenizer
 
 PREFIX, SUFFIX = 7, 5  # verify a graph in two calls: a prefill of PREFIX tokens, then SUFFIX more over the cache
@@ -147,7 +145,7 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
 def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, x: np.ndarray) -> np.ndarray:
     """Run the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
     form = spec.prefill or spec  # a static graph's prefill form takes both calls
-    with cpu_form(directory / form.file) if spec.qdq else nullcontext(directory / form.file) as model:  # as the engine loads it
+    with model_file(directory / form.file, "CPUExecutionProvider", spec.qdq) as model:  # as the engine loads it
         session = ort.InferenceSession(str(model), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     graph = runner(form, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)

@@ -136,7 +136,7 @@ def create_session(
             settings = session_options(threads, spec.ort_name)
             for key, value in _strings(spec.session).items():
                 settings.add_session_config_entry(key, value)
-            with cpu_form(path) if qdq and spec.ort_name == "CPUExecutionProvider" else nullcontext(path) as model:
+            with model_file(path, spec.ort_name, qdq) as model:
                 session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {first_line(e)}")
@@ -149,11 +149,15 @@ def create_session(
     raise TandemError(f"graph {graph} ({path.name}): no execution provider of role {role} can run it: {'; '.join(placement.skipped)}")
 
 
-def cpu_form(path: Path) -> AbstractContextManager[Path]:
-    """runtime.qdq_cpu.cpu_form, imported here: it needs onnx, which a runtime without QDQ graphs never loads."""
-    from runtime.qdq_cpu import cpu_form as rewritten
+def model_file(path: Path, provider: str, qdq: bool) -> AbstractContextManager[Path]:
+    """The file a session of `provider` loads for the graph at `path`: on the CPU EP, a QDQ graph's rewrite with
+    MatMulNBits weights (runtime.qdq_cpu, imported here: it needs onnx, which a runtime without QDQ graphs never
+    loads); else `path` itself."""
+    if qdq and provider == "CPUExecutionProvider":
+        from runtime.qdq_cpu import cpu_form
 
-    return rewritten(path)
+        return cpu_form(path)
+    return nullcontext(path)
 
 
 def first_line(error: Exception) -> str:

@@ -56,17 +56,15 @@ def rewrite(model: onnx.ModelProto) -> None:
         if dq is None or dq.output[0] not in candidates:
             nodes.append(node)
             continue
-        weights = [numpy_helper.to_array(initializers[name]) for name in dq.input]
-        b, scales, zero_points = blocks(*weights)
         prefix = dq.input[0]
-        tensors = [numpy_helper.from_array(b, f"{prefix}/nbits"), numpy_helper.from_array(scales, f"{prefix}/nbits_scales"),
-                   numpy_helper.from_array(zero_points, f"{prefix}/nbits_zero_points")]
-        if all(t.name not in initializers for t in tensors):  # a weight two MatMuls share is converted once
+        converted = [f"{prefix}/nbits", f"{prefix}/nbits_scales", f"{prefix}/nbits_zero_points"]
+        if converted[0] not in initializers:  # a weight two MatMuls share is converted once
+            tensors = map(numpy_helper.from_array, blocks(*(numpy_helper.to_array(initializers[i]) for i in dq.input)), converted)
             graph.initializer.extend(tensors)
-            initializers.update((t.name, t) for t in tensors)
-        k, n = weights[0].shape
+            initializers.update((t.name, t) for t in graph.initializer[-3:])
+        k, n = initializers[prefix].dims
         nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output), name=f"{node.name}/nbits",
+            "MatMulNBits", [node.input[0], *converted], list(node.output), name=f"{node.name}/nbits",
             domain="com.microsoft", K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL))
     del graph.node[:]
     graph.node.extend(nodes)
