@@ -48,7 +48,7 @@ def test_default_recipe_is_int4_within_the_perplexity_target(real_artifacts):
     assert 0 < fidelity["perplexity_delta"] < 0.05 and fidelity["top1_agreement"] > 0.88
     assert "def fibonacci" in greedy(real_artifacts["cpu"])
     kinds = load_manifest(real_artifacts["cpu"]).graphs[0].quantization
-    assert kinds["attention"].startswith("int4 block 32") and kinds["lm_head"].startswith("int8") and kinds["embedding"].startswith("int4")
+    assert kinds["attention"].startswith("int4 block 32") and kinds["lm_head"].startswith("int4") and kinds["embedding"].startswith("int4")
 
 
 def test_ryzen_ai_recipe_falls_back_to_cpu_quantized_for_the_npu(real_artifacts):
