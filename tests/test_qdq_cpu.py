@@ -48,7 +48,8 @@ def test_a16w8_graph_runs_its_weights_as_matmulnbits(static_artifacts):
     feeds = inputs(ours)
     expected, actual = session(path).run(None, feeds), ours.run(None, feeds)
     for e, a in zip(expected, actual):
-        assert np.abs(a - e).max() <= 0.02 * np.abs(e).max()  # int8 activations a block at a time
+        # int8 activations a block at a time: within 2 % on an AVX2 CPU, 2.2 % on AVX-512 VNNI (MLAS's kernels differ)
+        assert np.abs(a - e).max() <= 0.03 * np.abs(e).max()
 
 
 def test_a_graph_without_qdq_weights_loads_as_it_is(artifacts):

@@ -16,6 +16,7 @@
 #          (docs/device/greedy_compare.py), generate --stats (each EP's time, cross-EP hops and bytes a token); with
 #          the recipe's accuracy level 4 and with 0 (float32 activations on the CPU EP too)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
+#   lm4    the CUDA recipe with an int4 lm_head against the recipe as it is and ORT GenAI with CUDA graphs
 #   mem    where the CUDA recipe's GPU memory goes: as it is, with its weights outside the arena
 #          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
 #          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
@@ -173,6 +174,19 @@ quick)
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer genai:$W/genai-cuda-graphs --out $W/bench-quick
   stamp "bench quick"
+  ;;
+lm4)
+  # the CUDA recipe with an int4 lm_head (a copy of it) against the recipe as it is and ORT GenAI with CUDA graphs
+  cd $W/src
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  sed 's/^  lm_head: {scheme: int8/  lm_head: {scheme: int4/; s/^name: .*/name: qwen2.5-7b-instruct-cuda-lm4/' \
+    recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-lm4.yaml
+  grep -n "lm_head" $W/cuda-lm4.yaml
+  compile $W/cuda-lm4.yaml cuda-lm4
+  genai_graphs
+  python3 -m compiler.cli bench $W/cuda-lm4 --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda --peer genai:$W/genai-cuda-graphs --out $W/bench-lm4
+  stamp "bench lm4"
   ;;
 mem)
   cd $W/src
