@@ -17,6 +17,7 @@
 #          the recipe's accuracy level 4 and with 0 (float32 activations on the CPU EP too)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 #   lm4    the CUDA recipe with an int4 lm_head against the recipe as it is and ORT GenAI with CUDA graphs
+#   verify the CUDA recipe compiled with its verify pass, as a user runs it
 #   mem    where the CUDA recipe's GPU memory goes: as it is, with its weights outside the arena
 #          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
 #          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
@@ -187,6 +188,16 @@ lm4)
   python3 -m compiler.cli bench $W/cuda-lm4 --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
     --peer tandem:$W/cuda --peer genai:$W/genai-cuda-graphs --out $W/bench-lm4
   stamp "bench lm4"
+  ;;
+verify)
+  # the CUDA recipe compiled as a user compiles it, its verify pass included (graphs against torch, the chain,
+  # held-out perplexity on the GPU), timed
+  cd $W/src
+  checkpoint
+  $TIME python3 -m compiler.cli compile recipes/qwen2.5-7b-instruct.cuda.yaml --model $W/q7b -o $W/cuda-verified \
+    --jobs $JOBS --quiet > $W/compile-verified.log 2>&1 || true
+  grep -v "it/s" $W/compile-verified.log | tail -30
+  stamp "compile with verify"
   ;;
 mem)
   cd $W/src
