@@ -163,13 +163,12 @@ class Scheduler:
         if chunk.token_id is not None:
             self.metrics.generation_tokens.inc()
             self.metrics.observe_token(request.sequence.stats)
-        if chunk.finish_reason:  # counted before its client can see the end: a scrape after the reply includes it
+        if chunk.finish_reason:  # counted and freed before its client sees the end: a scrape after the reply shows both
             self.metrics.observe_finish(request.sequence.stats, chunk.finish_reason)
-        request.emit(chunk)
-        if chunk.finish_reason:
             self._finish(request)
         else:
             request.next_token = chunk.token_id
+        request.emit(chunk)
 
     def _finish(self, request: Request) -> None:
         if request in self.running:
