@@ -40,7 +40,7 @@ Runner = tuple[Callable[[list[int]], int], Callable[[int], int], Callable[[], No
 
 @functools.cache
 def _text_ids(tokenizer_dir: Path) -> tuple[int, ...]:
-    """TEXT's ids, the tokenizer loaded once a process (each load leaves ~45 MB of peak RSS behind; a server loads it once)."""
+    """TEXT's ids, the tokenizer loaded once a process, as a server loads it (each load adds to the peak RSS measured)."""
     from runtime.tokenizer import Tokenizer
 
     return tuple(Tokenizer.from_dir(tokenizer_dir).encode(TEXT))
