@@ -188,8 +188,8 @@ def _memory() -> dict[str, int]:
 def measure(system: str, target: str, lengths: list[int], new_tokens: int, repeats: int, tokenizer: Path, threads: int) -> dict:
     """One system, in this process: a warm-up, then each prompt length `repeats` times."""
     context = max(CONTEXT, max(lengths) + new_tokens + 1)
+    warm = prompt_ids(tokenizer, 16)  # the tokenizer before the system, as a server loads them
     (prefill, step, reset), label = SYSTEMS[system](target, threads, context)
-    warm = prompt_ids(tokenizer, 16)
     token = prefill(warm)
     for _ in range(4):
         token = step(token)

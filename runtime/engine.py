@@ -28,7 +28,9 @@ class GraphRunner:
     first run and kept (per batch size), so a step allocates nothing, and a decode step whose inputs are the
     buffers the one before it bound (each small input and hidden state has one per batch) binds nothing at all.
     With CUDA graphs every address a decode step binds is therefore the same at each step of a batch: the step is
-    captured once per batch and replayed (prefill chunks, whose shapes vary, run without)."""
+    captured once per batch and replayed (prefill chunks, whose shapes vary, run without). A decode step's input
+    made on the host (the hidden state of a graph on the CPU EP before it) is copied into a device buffer of its own
+    at each step, so a captured graph reads it where it did when captured."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, placement: Placement) -> None:
         self.spec = spec
@@ -49,11 +51,12 @@ class GraphRunner:
         self._kept: dict[tuple, list[ort.OrtValue]] = {}
         self._last: dict[CacheView | None, tuple] = {}  # per batch: the inputs, kept outputs and options last bound
         self._replays: dict[tuple, ort.RunOptions] = {}  # CUDA graphs: run options naming each batch's graph
+        self._staged: dict[tuple, ort.OrtValue] = {}  # CUDA graphs: device copies of host inputs, per name and shape
 
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         batch = values[self._cache[0]] if self._cache else None
         binding = self._bindings.get(batch) or self._bind_cache(batch, values)
-        inputs = [values[name] for name in self._inputs]
+        inputs = [self._stage(name, values[name]) for name in self._inputs]
         last = self._last.get(batch)
         if last is not None and all(a is b for a, b in zip(last[0], inputs)):
             kept, options, moved = *last[1:], 0  # a decode step on the buffers bound last time: nothing to bind
@@ -104,6 +107,19 @@ class GraphRunner:
             self._last.pop(batch, None)
         return kept, options, moved
 
+    def _stage(self, name: str, value: ort.OrtValue) -> ort.OrtValue:
+        """A captured graph's decode-step input from the host, copied into its device buffer; any other input as is."""
+        shape = tuple(value.shape())
+        if not self.placement.captures_graphs or value.device_name().lower() != "cpu" or not _one_token(self.spec, name, shape):
+            return value
+        staged = self._staged.get((name, shape))
+        if staged is None:
+            staged = self._staged[name, shape] = _tensor(value.numpy(), self.placement.device)
+        else:
+            staged.update_inplace(value.numpy())
+        self.moved += value.tensor_size_in_bytes()
+        return staged
+
     def _run_options(self, batch: CacheView | None, shapes: tuple) -> ort.RunOptions | None:
         """A decode step's run options: with CUDA graphs, the id of its batch's graph (ORT captures a graph the
         first time it sees an id, and replays it after)."""
@@ -132,6 +148,11 @@ class GraphRunner:
         if self.placement.device == "cpu" and value.device_name().lower() != "cpu":
             return _tensor(value.numpy())
         return value
+
+
+def _one_token(spec: GraphSpec, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether an input of this shape belongs to a decode step: one new token per row."""
+    return dict(zip(spec.inputs[name].shape, shape)).get("sequence", 1) == 1
 
 
 def _graph_id(graph: int) -> ort.RunOptions:

@@ -17,15 +17,18 @@ RTN = {"scheme": "int4", "block_size": 32, "symmetric": False, "gptq": False}
 GRAPHS = {"name": "CUDA", "options": {"enable_cuda_graph": 1}}
 
 
-@pytest.fixture(scope="module")
-def cuda_artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
-    """The tiny model as the CUDA recipe builds it, with CUDA graphs; and a copy whose chain has none."""
+@pytest.fixture(scope="module", params=["cpu", "igpu"], ids=["embedding-on-host", "all-on-gpu"])
+def cuda_artifacts(request, tmp_path_factory, checkpoint) -> dict[str, Path]:
+    """The tiny model as the CUDA recipe builds it, with CUDA graphs, its embedding on the GPU too (the recipe's
+    placement) or on the CPU EP (the hidden state a captured decode step starts from is then made on the host); and
+    a copy whose chain has no CUDA graphs."""
     from compiler.build import compile_recipe
 
     root = tmp_path_factory.mktemp("cuda")
     recipe = write_recipe(
-        root, name="cuda", dtype="float16", fuse=True, roles={"igpu": {"providers": [GRAPHS, "CUDA", "CPU"]}},
-        placement=dict.fromkeys(RECIPE["placement"], "igpu"),
+        root, name="cuda", dtype="float16", fuse=True,
+        roles={"igpu": {"providers": [GRAPHS, "CUDA", "CPU"]}, "cpu": {"providers": ["CPU"]}},
+        placement={**dict.fromkeys(RECIPE["placement"], "igpu"), "embed": request.param},
         quantization={"attention": RTN, "ffn": RTN, "lm_head": {**RTN, "scheme": "int8"}, "embedding": RTN},
         # int4 and float16 on a 64-wide model: verify reports its errors against torch, this test compares the runs
         verify={**RECIPE["verify"], "graph_max_rel_error": 10.0, "logits_max_abs_error": 100.0, "greedy_agreement": 0.0,
@@ -54,7 +57,8 @@ def decode(directory: Path) -> list[np.ndarray]:
     steps.append(engine.forward(1, prompts[0])[None])
     for slot in (0, 1, 0, 1):
         steps.append(engine.extend([slot], [[int(steps[-1][0].argmax())]]))
-    assert [p.captures_graphs for p in engine.placements] == [directory.name == "graphs"] * len(engine.placements)
+    assert [p.captures_graphs for p in engine.placements] == [
+        directory.name == "graphs" and p.device != "cpu" for p in engine.placements]
     return steps
 
 

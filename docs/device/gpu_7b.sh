@@ -18,6 +18,8 @@
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
 #   lm4    the CUDA recipe with an int4 lm_head against the recipe as it is and ORT GenAI with CUDA graphs
 #   verify the CUDA recipe compiled with its verify pass, as a user runs it
+#   embedhost  the CUDA recipe against a copy with its embedding on the CPU EP (the hidden state of each step made
+#          on the host) and ORT GenAI with CUDA graphs; then `tandem verify` of the recipe's build; first the CUDA tests
 #   mem    where the CUDA recipe's GPU memory goes: as it is, with its weights outside the arena
 #          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
 #          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
@@ -198,6 +200,23 @@ verify)
     --jobs $JOBS --quiet > $W/compile-verified.log 2>&1 || true
   grep -v "it/s" $W/compile-verified.log | tail -30
   stamp "compile with verify"
+  ;;
+embedhost)
+  cd $W/src
+  cuda_test
+  built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
+  sed 's/^placement: {embed: igpu,/placement: {embed: cpu,/; s/^name: .*/name: qwen2.5-7b-instruct-cuda-host-embed/' \
+    recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-hostembed.yaml
+  grep -n "^placement" $W/cuda-hostembed.yaml
+  compile $W/cuda-hostembed.yaml cuda-hostembed
+  genai_graphs
+  python3 -m compiler.cli info $W/cuda-hostembed > $W/info-cuda-hostembed.txt; head -10 $W/info-cuda-hostembed.txt
+  python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-hostembed --peer genai:$W/genai-cuda-graphs --out $W/bench-embedhost
+  stamp "bench embedhost"
+  $TIME python3 -m compiler.cli verify $W/cuda > $W/compile-verify-cuda.log 2>&1 || true
+  tr '\r' '\n' < $W/compile-verify-cuda.log | grep -E "^(verify|error|  )" | tail -12
+  stamp "verify cuda"
   ;;
 mem)
   cd $W/src
