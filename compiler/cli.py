@@ -25,7 +25,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     fuse = None if args.layout is None else args.layout == "fused"
     out = compile_recipe(args.recipe, model=args.model, out=args.output, show_progress=not args.quiet, max_context=args.max_context,
-                         jobs=args.jobs, resume=args.resume, fuse=fuse)
+                         jobs=args.jobs, resume=args.resume, fuse=fuse, gate=args.verify == "gate")
     report = json.loads((out / "verify.json").read_text())
     _print_report(report)
     print(f"wrote {out}")
@@ -123,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--resume", action="store_true",
                    help="go on from the blocks an interrupted build of the same output, recipe and model finished")
+    c.add_argument("--verify", choices=["gate", "report"], default="gate",
+                   help="gate: a failed verify check writes no artifact (default); report: the artifact is written and "
+                        "the failures are in its verify.json (a random-weight stand-in, whose errors the gates do not describe)")
     c.set_defaults(func=cmd_compile)
     v = sub.add_parser("verify", help="re-run verification of an artifact against its source model")
     v.add_argument("artifact", type=Path)

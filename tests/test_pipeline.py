@@ -239,6 +239,10 @@ def test_failed_verify_leaves_no_artifact(checkpoint, tmp_path):
         compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["strict.yaml"]
+    # --verify report: the same build is written, its failures in verify.json, and it runs
+    out = compile_recipe(recipe, model=str(checkpoint), out=tmp_path / "out", show_progress=False, gate=False)
+    assert any("max relative error" in f for f in json.loads((out / "verify.json").read_text())["failures"])
+    assert Engine(out).forward(0, [5, 17, 42]).shape == (load_manifest(out).model.vocab_size,)
 
 
 def test_plan_fuses_adjacent_blocks_of_one_role(tmp_path):
