@@ -56,7 +56,9 @@ class GraphRunner:
     def run(self, values: dict[str, ort.OrtValue | CacheView]) -> None:
         batch = values[self._cache[0]] if self._cache else None
         binding = self._bindings.get(batch) or self._bind_cache(batch, values)
-        inputs = [self._stage(name, values[name]) for name in self._inputs]
+        inputs = [values[name] for name in self._inputs]
+        if self.placement.captures_graphs:
+            inputs = [self._stage(name, value) for name, value in zip(self._inputs, inputs)]
         last = self._last.get(batch)
         if last is not None and all(a is b for a, b in zip(last[0], inputs)):
             kept, options, moved = *last[1:], 0  # a decode step on the buffers bound last time: nothing to bind
@@ -108,9 +110,9 @@ class GraphRunner:
         return kept, options, moved
 
     def _stage(self, name: str, value: ort.OrtValue) -> ort.OrtValue:
-        """A captured graph's decode-step input from the host, copied into its device buffer; any other input as is."""
+        """A decode-step input from the host, copied into its device buffer; any other input as is."""
         shape = tuple(value.shape())
-        if not self.placement.captures_graphs or value.device_name().lower() != "cpu" or not _one_token(self.spec, name, shape):
+        if value.device_name().lower() != "cpu" or not _one_token(self.spec, name, shape):
             return value
         staged = self._staged.get((name, shape))
         if staged is None:

@@ -6,7 +6,7 @@
 #   cpu    the CPU recipe on the machine's CPU cores against ORT GenAI's CPU int4 build
 #   split  the split placement (attention on the CPU EP, FFN on CUDA), and the same artifact on the CPU cores alone
 #   fpa    ORT's fpA_intB (TensorRT-LLM) MatMulNBits kernels through the session entry ep.cuda.fpa_intb_gemm, with
-#          the int8 lm_head and with an int4 one, against the recipe as it was and ORT GenAI with and without CUDA graphs
+#          the recipe's int4 lm_head and with an int8 one, against the recipe and ORT GenAI with and without CUDA graphs
 #   profile the CUDA recipe against ORT GenAI with CUDA graphs: bench, then a kernel profile of each
 #          (docs/device/decode_profile.py); first the CUDA tests on the tiny model
 #   splitprof  where a split decode step goes, on a 4-layer checkpoint of the 7B's widths: the split recipe (attention
@@ -16,7 +16,7 @@
 #          (docs/device/greedy_compare.py), generate --stats (each EP's time, cross-EP hops and bytes a token); with
 #          the recipe's accuracy level 4 and with 0 (float32 activations on the CPU EP too)
 #   long   a 32K KV cache and a 32000-token prompt; ORT's fpA_intB kernels; the engine of .device/gpu/old
-#   lm4    the CUDA recipe with an int4 lm_head against the recipe as it is and ORT GenAI with CUDA graphs
+#   lm4    the CUDA recipe (its int4 lm_head) against a copy with an int8 lm_head and ORT GenAI with CUDA graphs
 #   verify the CUDA recipe compiled with its verify pass, as a user runs it
 #   embedhost  the CUDA recipe against a copy with its embedding on the CPU EP (the hidden state of each step made
 #          on the host) and ORT GenAI with CUDA graphs; then `tandem verify` of the recipe's build; first the CUDA tests
@@ -71,6 +71,15 @@ compile() {
   sleep 2; cp -al "$(dirname "$partial")" $W/$name && rm -f $W/$name/UNFINISHED
   pkill -f "compiler.cli compile $recipe" || true; wait $pid 2>/dev/null || true
   stamp "compiled $name: $(du -sh $W/$name | cut -f1)"
+}
+
+# variant NAME SED: a copy of the CUDA recipe edited by the sed script SED and named NAME (what it changes shown),
+# compiled into $W/NAME
+variant() {
+  local recipe=recipes/qwen2.5-7b-instruct.cuda.yaml
+  sed "$2; s/^name: .*/name: $1/" $recipe > $W/$1.yaml
+  diff $recipe $W/$1.yaml || true
+  compile $W/$1.yaml $1
 }
 
 # checkpoint: the random-weight 7B, once
@@ -179,16 +188,12 @@ quick)
   stamp "bench quick"
   ;;
 lm4)
-  # the CUDA recipe with an int4 lm_head (a copy of it) against the recipe as it is and ORT GenAI with CUDA graphs
   cd $W/src
   built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  sed 's/^  lm_head: {scheme: int8/  lm_head: {scheme: int4/; s/^name: .*/name: qwen2.5-7b-instruct-cuda-lm4/' \
-    recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-lm4.yaml
-  grep -n "lm_head" $W/cuda-lm4.yaml
-  compile $W/cuda-lm4.yaml cuda-lm4
+  variant cuda-lm8 's/^  lm_head: {scheme: int4/  lm_head: {scheme: int8/'
   genai_graphs
-  python3 -m compiler.cli bench $W/cuda-lm4 --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
-    --peer tandem:$W/cuda --peer genai:$W/genai-cuda-graphs --out $W/bench-lm4
+  python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-lm8 --peer genai:$W/genai-cuda-graphs --out $W/bench-lm4
   stamp "bench lm4"
   ;;
 verify)
@@ -205,10 +210,7 @@ embedhost)
   cd $W/src
   cuda_test
   built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  sed 's/^placement: {embed: igpu,/placement: {embed: cpu,/; s/^name: .*/name: qwen2.5-7b-instruct-cuda-host-embed/' \
-    recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-hostembed.yaml
-  grep -n "^placement" $W/cuda-hostembed.yaml
-  compile $W/cuda-hostembed.yaml cuda-hostembed
+  variant cuda-hostembed 's/^placement: {embed: igpu,/placement: {embed: cpu,/'
   genai_graphs
   python3 -m compiler.cli info $W/cuda-hostembed > $W/info-cuda-hostembed.txt; head -10 $W/info-cuda-hostembed.txt
   python3 -m compiler.cli bench $W/cuda --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
@@ -276,14 +278,13 @@ splitcheck)
 fpa)
   cd $W/src
   built cuda recipes/qwen2.5-7b-instruct.cuda.yaml cuda
-  sed 's/lm_head: {scheme: int8/lm_head: {scheme: int4/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-h4.yaml
-  compile $W/cuda-h4.yaml cuda-h4
+  variant cuda-h8 's/lm_head: {scheme: int4/lm_head: {scheme: int8/'
   fpa='roles["igpu"]["providers"][0]["session"] = {"ep.cuda.fpa_intb_gemm": "1"}'
-  retarget cuda cuda-fpa "$fpa"; retarget cuda-h4 cuda-h4-fpa "$fpa"
+  retarget cuda cuda-fpa "$fpa"; retarget cuda-h8 cuda-h8-fpa "$fpa"
   genai_graphs
-  python3 -m compiler.cli info $W/cuda-h4-fpa > $W/info-cuda-h4-fpa.txt; head -8 $W/info-cuda-h4-fpa.txt
-  python3 -m compiler.cli bench $W/cuda-h4-fpa --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
-    --peer tandem:$W/cuda-fpa --peer tandem:$W/cuda-h4 --peer tandem:$W/cuda \
+  python3 -m compiler.cli info $W/cuda-fpa > $W/info-cuda-fpa.txt; head -8 $W/info-cuda-fpa.txt
+  python3 -m compiler.cli bench $W/cuda-fpa --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 \
+    --peer tandem:$W/cuda-h8-fpa --peer tandem:$W/cuda-h8 --peer tandem:$W/cuda \
     --peer genai:$W/genai-cuda-graphs --peer genai:$W/genai-cuda --out $W/bench-fpa
   stamp "bench fpa"
   ;;
@@ -315,8 +316,7 @@ long)
   # (TensorRT-LLM) MatMulNBits kernels switched on by its environment variable, against the default kernels
   cd $W/src
   checkpoint
-  sed 's/^max_context: 4096/max_context: 32768/' recipes/qwen2.5-7b-instruct.cuda.yaml > $W/cuda-32k.yaml
-  compile $W/cuda-32k.yaml cuda32k
+  variant cuda32k 's/^max_context: 4096/max_context: 32768/'
   python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024,32000 --new-tokens 128 --repeats 3 --out $W/bench-long
   stamp "bench long"
   ORT_FPA_INTB_GEMM=1 python3 -m compiler.cli bench $W/cuda32k --prompt-lengths 32,1024 --new-tokens 128 --repeats 3 --out $W/bench-fpa
