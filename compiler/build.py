@@ -18,6 +18,8 @@ from pydantic import ValidationError
 from compiler.build_state import STATE, BlockResult, BuildState, resumable
 from compiler.calibrate import feeds, first_samples, propagate
 from compiler.graphs import build_graph, rope_tables
+from compiler.int8_prefill import KINDS as INT8_KINDS
+from compiler.int8_prefill import write_form as write_int8_form
 from compiler.link import link
 from compiler.npu_check import check
 from compiler.plan import GraphPlan, plan
@@ -294,14 +296,24 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             results = [done[b.name].result() for b in graph.blocks]
             inputs, outputs, _ = results[0]
             file = graphs_dir / f"{graph.name}.onnx"
+            parts = [graphs_dir / f"{b.name}.onnx" for b in graph.blocks]
+            role = recipe.roles[graph.role]
+            # the integer-GEMM prefill form of each attention and FFN block, linked as the blocks are
+            forms = [write_int8_form(part) if recipe.prefill_weights == "int8" and b.kind in INT8_KINDS else None
+                     for b, part in zip(graph.blocks, parts)]
             if len(graph.blocks) > 1:
-                linked = link([graphs_dir / f"{b.name}.onnx" for b in graph.blocks], file)
+                if any(forms):
+                    link([form or part for form, part in zip(forms, parts)], prefill_path(file), remove=False)
+                    for form in filter(None, forms):
+                        form.unlink()
+                linked = link(parts, file)
                 inputs, outputs = tensor_specs(linked.graph.input), tensor_specs(linked.graph.output)
             described = {kind: scheme for _, _, parts in results for kind, scheme in parts.items()}
             spec = GraphSpec(name=graph.name, file=file.relative_to(root).as_posix(), role=graph.role,
                              blocks=[b.name for b in graph.blocks], quantization=dict(sorted(described.items())),
                              inputs=inputs, outputs=outputs)
-            role = recipe.roles[graph.role]
+            if any(forms):
+                spec = spec.model_copy(update={"prefill": spec.model_copy(update={"file": prefill_path(file).relative_to(root).as_posix()})})
             if role.dialect == "static":  # the fixed-shape forms, each checked against the NPUs of the role's chains
                 decode, prefill = write_forms(file, recipe.prefill_chunk, recipe.max_context)
                 for form in (decode, prefill):

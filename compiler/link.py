@@ -18,9 +18,9 @@ from runtime import manifest as names
 from runtime.errors import TandemError
 
 
-def link(files: list[Path], out: Path) -> onnx.ModelProto:
-    """Write the graphs of `files` (in run order, all in out's folder) as one graph at `out`; remove the parts'
-    graph files (not their data). Returns the linked model, its weights not loaded."""
+def link(files: list[Path], out: Path, remove: bool = True) -> onnx.ModelProto:
+    """Write the graphs of `files` (in run order, all in out's folder) as one graph at `out`; with `remove`, remove
+    the parts' graph files (not their data). Returns the linked model, its weights not loaded."""
     parts = [onnx.load(f, load_external_data=False) for f in files]
     graph = helper.make_graph([], out.stem, [], [])
     seen_inputs: set[str] = set()
@@ -55,6 +55,6 @@ def link(files: list[Path], out: Path) -> onnx.ModelProto:
     model.ir_version = max(p.ir_version for p in parts)
     onnx.save_model(model, out)
     for file in files:
-        if file != out:
+        if remove and file != out:
             file.unlink()
     return model

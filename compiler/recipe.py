@@ -101,6 +101,9 @@ class Recipe(Strict):
     calibration: CalibrationSpec = CalibrationSpec()
     max_context: int = Field(default=4096, gt=0)
     prefill_chunk: int = Field(default=256, gt=0)
+    # int8: prompt chunks run a second form of each attention and FFN graph, its MatMuls through the CPU EP's
+    # integer GEMM (compiler.int8_prefill: 2-3x the int4 kernel's rate, for an int8 copy of those weights in memory)
+    prefill_weights: Literal["shared", "int8"] = "shared"
     fuse: bool = False
     # activations, KV cache and unquantized weights: float16 for GPU EPs (CUDA runs GroupQueryAttention in half only)
     dtype: Literal["float32", "float16"] = "float32"
@@ -126,9 +129,27 @@ class Recipe(Strict):
             if scheme not in STATIC_SCHEMES:
                 raise ValueError(f"quantization.{kind}.scheme {scheme}: role {role} has the static dialect, which takes "
                                  f"{', '.join(STATIC_SCHEMES)} (standard ops; int4/int8 weight-only is ORT's MatMulNBits)")
+        if self.prefill_weights == "int8":
+            self._int8_prefill_runs()
         if self.quantization.needs_calibration() and self.calibration.window > self.max_context:
             raise ValueError(f"calibration.window {self.calibration.window} exceeds max_context {self.max_context}")
         return self
+
+
+    def _int8_prefill_runs(self) -> None:
+        """prefill_weights int8 is the CPU EP's integer GEMM over MatMulNBits graphs (int4 / int8 weight-only)."""
+        kinds = [kind for kind in ("attention", "ffn") if getattr(self.quantization, kind).scheme in ("int4", "int8")]
+        if not kinds:
+            raise ValueError("prefill_weights int8 rewrites int4/int8 weight-only MatMuls (MatMulNBits), but "
+                             "quantization.attention and .ffn have neither scheme")
+        for kind in kinds:
+            name = getattr(self.placement, kind)
+            role = self.roles[name]
+            chain = [p.name for p in role.prefill or role.providers]
+            if role.dialect != "contrib" or set(chain) != {"CPU"}:
+                raise ValueError(f"prefill_weights int8: the {kind} blocks' prompt chunks run on role {name} "
+                                 f"({', '.join(chain)}, dialect {role.dialect}), but the int8 form is for the CPU "
+                                 "EP's integer GEMM (a contrib role whose prefill chain is CPU only)")
 
 
 def load_recipe(path: Path | str) -> Recipe:

@@ -10,9 +10,7 @@ from onnx import numpy_helper, shape_inference
 
 from compiler.graphs import attended
 from runtime.errors import TandemError
-
-PREFILL_SUFFIX = ".prefill.onnx"
-
+from runtime.manifest import PREFILL_SUFFIX
 
 def fixed(model: onnx.ModelProto, sequence: int, capacity: int) -> onnx.ModelProto:
     """A copy with the sequence fixed (the attention bias spans capacity + sequence positions), every value's shape

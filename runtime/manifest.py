@@ -16,7 +16,8 @@ MANIFEST = "manifest.yaml"
 ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
 GENERATION_CONFIG = "generation_config.json"
 VERIFY_REPORT = "verify.json"
-UNFINISHED = "UNFINISHED"  # holds the building process's pid until the build has passed verify
+UNFINISHED = "UNFINISHED"
+PREFILL_SUFFIX = ".prefill.onnx"  # a graph's prompt-chunk form: name.prefill.onnx (its own weights: name.prefill.onnx.data)  # holds the building process's pid until the build has passed verify
 
 Role = Literal["npu", "igpu", "cpu"]
 BlockKind = Literal["embed", "attention", "ffn", "head"]
@@ -157,7 +158,9 @@ class GraphSpec(Strict):
     quantization: dict[str, str] = Field(default_factory=dict)  # block kind -> scheme, e.g. ffn: int4 block 32 asym acc4
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
-    prefill: "GraphSpec | None" = None  # static dialect: the prompt-chunk form (`file` is the one-token decode form)
+    # the prompt-chunk form, run by a session of its own: the static dialect's fixed-shape one (`file` is then the
+    # one-token decode form), or a contrib graph's integer-GEMM one (recipe prefill_weights: int8)
+    prefill: "GraphSpec | None" = None
 
     @property
     def qdq(self) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import Manifest
+from runtime.manifest import PREFILL_SUFFIX, Manifest
 
 
 def memory_bandwidth(threads: int = 0, size: int = 1 << 28, repeats: int = 5) -> float:
@@ -33,8 +33,13 @@ def memory_bandwidth(threads: int = 0, size: int = 1 << 28, repeats: int = 5) ->
 
 def bytes_per_token(manifest: Manifest, context: int) -> int:
     """Bytes one decode step reads at `context` tokens: every graph file but the embedding's (a step reads one
-    row of its table), and the K and V of every layer so far."""
-    weights = sum(f.size for f in manifest.files if f.path.startswith("graphs/") and not Path(f.path).name.startswith("embed."))
+    row of its table) and the prompt-chunk forms', and the K and V of every layer so far."""
+    weights = sum(f.size for f in manifest.files if f.path.startswith("graphs/") and not _unread(Path(f.path).name))
     kv = manifest.kv_cache
     cache = 2 * kv.layers * kv.kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize * context
     return weights + cache
+
+
+def _unread(name: str) -> bool:
+    """A graph file a decode step does not read: the embedding's, or a prefill form's (graph or weights)."""
+    return name.startswith("embed.") or PREFILL_SUFFIX in name

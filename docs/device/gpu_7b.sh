@@ -24,6 +24,8 @@
 #          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
 #          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
 #   memstages  the CUDA recipe's GPU memory after each stage of loading and running it (docs/device/gpu_memory.py)
+#   cpuint8  the CPU recipe (prompt chunks through the integer GEMM: prefill_weights int8) against the same
+#          artifact with its prefill forms dropped (prompt chunks on the int4 decode graph) and ORT GenAI's CPU build
 #   ovcpu  the CPU cores alone: prefill on the OpenVINO EP in bf16, decode on the CPU EP's int4 kernels
 #          (qwen2.5-7b-instruct.cpu-bf16-prefill.yaml), against the same graphs on the CPU EP alone; needs
 #          onnxruntime-openvino's wheel (.device/ov.partN), not onnxruntime-gpu's
@@ -246,6 +248,15 @@ cpu)
   built cpu recipes/qwen2.5-7b-instruct.cpu.yaml cpu
   python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --peer genai:$W/genai-cpu --out $W/bench-cpu
   stamp "bench cpu"
+  ;;
+cpuint8)
+  cd $W/src
+  built cpu recipes/qwen2.5-7b-instruct.cpu.yaml cpu
+  retarget cpu cpu-shared 'for g in m["graphs"]: g.pop("prefill", None)'
+  python3 -m compiler.cli info $W/cpu > $W/info-cpu.txt; head -12 $W/info-cpu.txt
+  python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --peer tandem:$W/cpu-shared \
+    --peer genai:$W/genai-cpu --out $W/bench-cpuint8
+  stamp "bench cpuint8"
   ;;
 split)
   cd $W/src

@@ -1,0 +1,143 @@
+"""The integer-GEMM prefill form of a contrib block: its prompt chunks' MatMuls through the CPU EP's u8 x s8 GEMM.
+
+Decode reads every weight once a token, so its MatMulNBits keeps int4 weights and multiplies them by int8
+activations a block at a time. On a prompt chunk that kernel is the ceiling: 220-260 GOP/s on two Zen 4 cores,
+against 660-770 for MLAS's integer GEMM on the same shapes (docs/probes/prefill_kernels.py). This form runs each
+MatMulNBits of an attention or FFN block as MatMulInteger over int8 weights, one scale per output column (from
+the block-quantized values: a step about a tenth of int4's, so the weights are int4's to within that), with the
+activations quantized to uint8 per row, symmetric around 128 (MLAS's fast path takes one zero point for A; its
+s8 x s8 path is 11x slower). The price: a second copy of those weights in memory, int8, and the activations'
+rounding, which verify measures on held-out text (its windows run as prompt chunks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compiler.static_forms import prefill_path
+from runtime.errors import TandemError
+
+KINDS = ("attention", "ffn")  # the blocks it rewrites: the head multiplies one row a sequence, the embedding none
+
+
+def write_form(file: Path) -> Path | None:
+    """Write the prefill form of the block graph at `file` beside it (name.prefill.onnx, its int8 weights in
+    name.prefill.onnx.data; the weights it keeps are still read from the block's own file) and return its path;
+    None, writing nothing, where the block has no MatMulNBits to rewrite."""
+    model = onnx.load(file, load_external_data=False)
+    if not rewrite(model, file.parent, f"/{file.name.removesuffix('.onnx')}/int8_prefill"):
+        return None
+    out = prefill_path(file)
+    onnx.save_model(model, out, save_as_external_data=True, location=f"{out.name}.data", size_threshold=1024)
+    return out
+
+
+def rewrite(model: onnx.ModelProto, directory: Path, prefix: str) -> bool:
+    """Replace, in place, each plain MatMulNBits (no g_idx, no bias) by the integer GEMM over int8 weights;
+    `directory` holds the external data of the weights it reads, `prefix` starts the names it makes (unique among
+    the blocks a graph links). Returns whether any was replaced."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    quantized: dict[str, tuple[str, str]] = {}  # activation -> its uint8 rows and their scales, made once
+    nodes, replaced = [], set()
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) > 4 or not all(i in initializers for i in node.input[1:]):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        arrays = [numpy_helper.to_array(initializers[name], str(directory)) for name in node.input[1:]]
+        q, scale = per_column(dequantize(*arrays, attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]))
+        weight = (f"{node.input[1]}/int8", f"{node.input[1]}/int8_scales")
+        graph.initializer.extend(map(numpy_helper.from_array, (q, scale), weight))
+        replaced.update(node.input[1:])
+        x = node.input[0]
+        if x not in quantized:
+            quantized[x] = _quantize_rows(nodes, graph, f"{prefix}/{len(quantized)}", x, attrs["K"])
+        nodes.extend(_integer_matmul(graph, f"{prefix}/{node.name or node.output[0]}", node, *quantized[x], *weight,
+                                     attrs["N"]))
+    if not replaced:
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return True
+
+
+def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
+               block: int) -> np.ndarray:
+    """MatMulNBits' weight [K, N] in float32: B [N, blocks, block * bits / 8] (low bits first), scales [N * blocks],
+    zero points packed like B (2 ** (bits - 1) when absent)."""
+    if bits not in (4, 8):
+        raise TandemError(f"MatMulNBits with {bits}-bit weights: the int8 prefill form takes 4 or 8")
+    count = -(-k // block)
+    q = _unpack(b.reshape(n, -1), bits)[:, : count * block].reshape(n, count, block).astype(np.float32)
+    if zero_points is None:
+        zp = np.full((n, count), 2 ** (bits - 1), np.float32)
+    elif zero_points.dtype == np.uint8:
+        zp = _unpack(zero_points.reshape(n, -1), bits)[:, :count].astype(np.float32)
+    else:  # float zero points (already in the weights' scale units)
+        zp = zero_points.reshape(n, count).astype(np.float32)
+    w = (q - zp[..., None]) * scales.reshape(n, count, 1).astype(np.float32)
+    return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
+
+
+def per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 [K, N] (symmetric, -127..127) and a float32 scale per column."""
+    scale = np.abs(w).max(axis=0) / 127
+    scale[scale == 0] = 1
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
+
+
+def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _quantize_rows(nodes: list, graph: onnx.GraphProto, p: str, x: str, k: int) -> tuple[str, str]:
+    """Nodes (appended to `nodes`, named from p) quantizing x [..., K] to uint8 rows [rows, K] around 128, one
+    scale per row. Returns the rows' and the scales' names."""
+    shape = _constant(graph, f"{p}/rows_of_k", np.array([-1, k], np.int64))
+    last = _constant(graph, f"{p}/last_axis", np.array([-1], np.int64))
+    step = _constant(graph, f"{p}/one_127th", np.array(1 / 127, np.float32))
+    tiny = _constant(graph, f"{p}/tiny", np.array(1e-12, np.float32))
+    middle = _constant(graph, f"{p}/zero_point", np.array([128], np.uint8))
+    nodes += [
+        helper.make_node("Reshape", [x, shape], [f"{p}/flat"], name=f"{p}/flat"),
+        helper.make_node("Abs", [f"{p}/flat"], [f"{p}/abs"], name=f"{p}/abs"),
+        helper.make_node("ReduceMax", [f"{p}/abs", last], [f"{p}/max"], name=f"{p}/max", keepdims=0),
+        helper.make_node("Mul", [f"{p}/max", step], [f"{p}/step"], name=f"{p}/step"),
+        helper.make_node("Max", [f"{p}/step", tiny], [f"{p}/scale"], name=f"{p}/scale"),  # an all-zero row
+        helper.make_node("Shape", [f"{p}/scale"], [f"{p}/count"], name=f"{p}/count"),
+        helper.make_node("Expand", [middle, f"{p}/count"], [f"{p}/zero_points"], name=f"{p}/zero_points"),
+        helper.make_node("QuantizeLinear", [f"{p}/flat", f"{p}/scale", f"{p}/zero_points"], [f"{p}/u8"], name=f"{p}/u8",
+                         axis=0),
+    ]
+    return f"{p}/u8", f"{p}/scale"
+
+
+def _integer_matmul(graph: onnx.GraphProto, p: str, node: onnx.NodeProto, rows: str, row_scales: str, weight: str,
+                    scales: str, n: int) -> list[onnx.NodeProto]:
+    """MatMulInteger of the uint8 rows by the int8 weight, scaled back per row and per column, in x's shape."""
+    x = node.input[0]
+    middle = _constant(graph, f"{p}/zero_point", np.array(128, np.uint8))
+    width = _constant(graph, f"{p}/width", np.array([n], np.int64))
+    return [
+        helper.make_node("MatMulInteger", [rows, weight, middle], [f"{p}/int32"], name=f"{p}/int32"),
+        helper.make_node("DequantizeLinear", [f"{p}/int32", row_scales], [f"{p}/rows"], name=f"{p}/rows", axis=0),
+        helper.make_node("Mul", [f"{p}/rows", scales], [f"{p}/flat"], name=f"{p}/flat"),
+        helper.make_node("Shape", [x], [f"{p}/leading"], name=f"{p}/leading", end=-1),
+        helper.make_node("Concat", [f"{p}/leading", width], [f"{p}/shape"], name=f"{p}/shape", axis=0),
+        helper.make_node("Reshape", [f"{p}/flat", f"{p}/shape"], list(node.output), name=f"{p}/out"),
+    ]
