@@ -3,7 +3,7 @@
 Decode reads every weight once a token, so its MatMulNBits keeps int4 weights and multiplies them by int8
 activations a block at a time. On a prompt chunk that kernel is the ceiling: 220-260 GOP/s on two Zen 4 cores,
 against 660-770 for MLAS's integer GEMM on the same shapes (docs/probes/prefill_kernels.py). This form runs each
-MatMulNBits of an attention or FFN block as MatMulInteger over int8 weights, one scale per output column (from
+MatMulNBits of an attention or FFN block as MatMulIntegerToFloat over int8 weights, one scale per output column (from
 the block-quantized values: a step about a tenth of int4's, so the weights are int4's to within that), with the
 activations quantized to uint8 per row, symmetric around 128 (MLAS's fast path takes one zero point for A; its
 s8 x s8 path is 11x slower). The price: a second copy of those weights in memory, int8, and the activations'
@@ -107,7 +107,7 @@ def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 def _quantize_rows(nodes: list, graph: onnx.GraphProto, p: str, x: str, k: int) -> tuple[str, str]:
     """Nodes (appended to `nodes`, named from p) quantizing x [..., K] to uint8 rows [rows, K] around 128, one
-    scale per row. Returns the rows' and the scales' names."""
+    scale per row. Returns the rows' name and their scales' [rows, 1]."""
     shape = _constant(graph, f"{p}/rows_of_k", np.array([-1, k], np.int64))
     last = _constant(graph, f"{p}/last_axis", np.array([-1], np.int64))
     step = _constant(graph, f"{p}/one_127th", np.array(1 / 127, np.float32))
@@ -123,20 +123,24 @@ def _quantize_rows(nodes: list, graph: onnx.GraphProto, p: str, x: str, k: int) 
         helper.make_node("Expand", [middle, f"{p}/count"], [f"{p}/zero_points"], name=f"{p}/zero_points"),
         helper.make_node("QuantizeLinear", [f"{p}/flat", f"{p}/scale", f"{p}/zero_points"], [f"{p}/u8"], name=f"{p}/u8",
                          axis=0),
+        helper.make_node("Unsqueeze", [f"{p}/scale", last], [f"{p}/scales"], name=f"{p}/scales"),
     ]
-    return f"{p}/u8", f"{p}/scale"
+    return f"{p}/u8", f"{p}/scales"
 
 
 def _integer_matmul(graph: onnx.GraphProto, p: str, node: onnx.NodeProto, rows: str, row_scales: str, weight: str,
                     scales: str, n: int) -> list[onnx.NodeProto]:
-    """MatMulInteger of the uint8 rows by the int8 weight, scaled back per row and per column, in x's shape."""
+    """The uint8 rows times the int8 weight, scaled by the column scales inside the GEMM (MatMulIntegerToFloat, one
+    pass over the output fewer than MatMulInteger and its own dequantization: 17 % faster at 1024 rows), then by
+    the row scales, in x's shape."""
     x = node.input[0]
     middle = _constant(graph, f"{p}/zero_point", np.array(128, np.uint8))
+    one = _constant(graph, f"{p}/one", np.array(1, np.float32))
     width = _constant(graph, f"{p}/width", np.array([n], np.int64))
     return [
-        helper.make_node("MatMulInteger", [rows, weight, middle], [f"{p}/int32"], name=f"{p}/int32"),
-        helper.make_node("DequantizeLinear", [f"{p}/int32", row_scales], [f"{p}/rows"], name=f"{p}/rows", axis=0),
-        helper.make_node("Mul", [f"{p}/rows", scales], [f"{p}/flat"], name=f"{p}/flat"),
+        helper.make_node("MatMulIntegerToFloat", [rows, weight, one, scales, middle], [f"{p}/columns"],
+                         name=f"{p}/columns", domain="com.microsoft"),
+        helper.make_node("Mul", [f"{p}/columns", row_scales], [f"{p}/flat"], name=f"{p}/flat"),
         helper.make_node("Shape", [x], [f"{p}/leading"], name=f"{p}/leading", end=-1),
         helper.make_node("Concat", [f"{p}/leading", width], [f"{p}/shape"], name=f"{p}/shape", axis=0),
         helper.make_node("Reshape", [f"{p}/flat", f"{p}/shape"], list(node.output), name=f"{p}/out"),

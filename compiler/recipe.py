@@ -135,7 +135,6 @@ class Recipe(Strict):
             raise ValueError(f"calibration.window {self.calibration.window} exceeds max_context {self.max_context}")
         return self
 
-
     def _int8_prefill_runs(self) -> None:
         """prefill_weights int8 is the CPU EP's integer GEMM over MatMulNBits graphs (int4 / int8 weight-only)."""
         kinds = [kind for kind in ("attention", "ffn") if getattr(self.quantization, kind).scheme in ("int4", "int8")]

@@ -9,8 +9,12 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.errors import TandemError
+
+if TYPE_CHECKING:
+    from runtime.manifest import GraphSpec
 
 
 MAX_CONTEXT_HELP = "KV cache positions per sequence, fewer than the artifact's to save memory (default: the artifact's)"
@@ -253,13 +257,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{'graph':<28} {'role':<13} {'requested':<10} {'resolved':<12} {'MB':>8}  note")
     for place in engine.placements:
         g = m.graph(place.graph)
-        parts = (g.file, *(f"{Path(g.file).parent.as_posix()}/{block}.onnx" for block in g.blocks))  # a linked graph reads its blocks' data files
-        mb = sum(size for path, size in sizes.items() if path.startswith(parts)) / 1e6
+        mb = sum(size for path, size in sizes.items() if path.startswith(_form_files(g, place.phase == "prefill", sizes))) / 1e6
         note = "fallback: " + "; ".join(place.skipped) if place.fell_back else ""
         role = f"{g.role} {place.phase}".strip()
         print(f"{g.name:<28} {role:<13} {place.requested[0]:<10} {place.resolved:<12} {mb:>8.1f}  {note}")
     resolved = sorted({p.provider for p in engine.placements})
     print(f"total     {sum(sizes.values()) / 1e6:.1f} MB; graphs run on: {', '.join(resolved)}")
+
+
+def _form_files(graph: GraphSpec, prefill: bool, sizes: dict[str, int]) -> tuple[str, ...]:
+    """Path prefixes of the files a session of the graph loads: its form's graph file and its blocks' weights (a
+    linked graph reads them from its blocks' data files; an int8 prefill form, from its blocks' own where they
+    have one)."""
+    from runtime.manifest import PREFILL_SUFFIX
+
+    form = graph.prefill if prefill and graph.prefill else graph
+    folder = Path(graph.file).parent.as_posix()
+    own = lambda block: prefill and f"{folder}/{block}{PREFILL_SUFFIX}.data" in sizes  # noqa: E731
+    return (form.file, *(f"{folder}/{block}{PREFILL_SUFFIX if own(block) else '.onnx'}" for block in graph.blocks))
 
 
 def _placement_summary(engine) -> str:

@@ -71,7 +71,7 @@ def test_prompt_chunks_run_the_integer_form(int8_artifacts, layout):
         assert (form is not None) == name.startswith(("attention", "ffn", "embed-to-head")), name
         if form is not None:
             ops = {n.op_type for n in onnx.load(directory / form.file, load_external_data=False).graph.node}
-            assert "MatMulInteger" in ops and ("MatMulNBits" in ops) == (layout == "fused")  # a fused graph's head keeps it
+            assert "MatMulIntegerToFloat" in ops and ("MatMulNBits" in ops) == (layout == "fused")  # a fused graph's head keeps it
     shared = Engine(int8_artifacts[f"{layout}-shared"])
     prompt = list(range(5, 25))  # 3 prefill chunks of 8
     ours, theirs = engine.forward(0, prompt), shared.forward(0, prompt)
@@ -106,3 +106,14 @@ def test_recipes_that_cannot_run_it_are_refused(tmp_path, changes, message):
     with pytest.raises(TandemError, match="prefill_weights int8") as err:
         load_recipe(path)
     assert message in str(err.value)
+
+
+def test_info_sizes_each_form(int8_artifacts):
+    """`tandem info` gives each session the size of the files it loads: the int8 form's exceed the int4 graph's."""
+    from runtime.cli import _form_files
+
+    manifest = Engine(int8_artifacts["split-int8"]).manifest
+    sizes = {f.path: f.size for f in manifest.files}
+    loaded = lambda prefill: sum(s for p, s in sizes.items() if p.startswith(_form_files(manifest.graph("ffn.1"), prefill, sizes)))  # noqa: E731
+    assert _form_files(manifest.graph("ffn.1"), True, sizes) == ("graphs/ffn.1.prefill.onnx",) * 2
+    assert loaded(True) > loaded(False) > 0
