@@ -24,7 +24,7 @@
 #          (session.use_device_allocator_for_initializers), and with that and an arena that grows by what is asked
 #          (kSameAsRequested, a copy of the runtime in $W/src2), side by side in one bench
 #   memstages  the CUDA recipe's GPU memory after each stage of loading and running it (docs/device/gpu_memory.py)
-#   cpuint8  the CPU recipe (prompt chunks through the integer GEMM: prefill_weights int8) against the same
+#   cpuint8  the CPU recipe with prefill_weights int8 (prompt chunks through the integer GEMM) against the same
 #          artifact with its prefill forms dropped (prompt chunks on the int4 decode graph) and ORT GenAI's CPU build
 #   ovcpu  the CPU cores alone: prefill on the OpenVINO EP in bf16, decode on the CPU EP's int4 kernels
 #          (qwen2.5-7b-instruct.cpu-bf16-prefill.yaml), against the same graphs on the CPU EP alone; needs
@@ -75,10 +75,10 @@ compile() {
   stamp "compiled $name: $(du -sh $W/$name | cut -f1)"
 }
 
-# variant NAME SED: a copy of the CUDA recipe edited by the sed script SED and named NAME (what it changes shown),
-# compiled into $W/NAME
+# variant NAME SED [RECIPE]: a copy of RECIPE (default: the CUDA recipe) edited by the sed script SED and named NAME
+# (what it changes shown), compiled into $W/NAME
 variant() {
-  local recipe=recipes/qwen2.5-7b-instruct.cuda.yaml
+  local recipe=${3:-recipes/qwen2.5-7b-instruct.cuda.yaml}
   sed "$2; s/^name: .*/name: $1/" $recipe > $W/$1.yaml
   diff $recipe $W/$1.yaml || true
   compile $W/$1.yaml $1
@@ -251,11 +251,14 @@ cpu)
   ;;
 cpuint8)
   cd $W/src
-  built cpu recipes/qwen2.5-7b-instruct.cpu.yaml cpu
-  retarget cpu cpu-shared 'for g in m["graphs"]: g.pop("prefill", None)'
-  python3 -m compiler.cli info $W/cpu > $W/info-cpu.txt; head -12 $W/info-cpu.txt
-  python3 -m compiler.cli bench $W/cpu --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 --peer tandem:$W/cpu-shared \
-    --peer genai:$W/genai-cpu --out $W/bench-cpuint8
+  checkpoint
+  genai_build cpu; genai=$!
+  variant cpu-int8 's/^prefill_chunk: .*/&\nprefill_weights: int8/' recipes/qwen2.5-7b-instruct.cpu.yaml
+  wait $genai; stamp "genai cpu built"; rm -rf $W/genai-cache-cpu
+  retarget cpu-int8 cpu-shared 'for g in m["graphs"]: g.pop("prefill", None)'
+  python3 -m compiler.cli info $W/cpu-int8 > $W/info-cpu-int8.txt; head -12 $W/info-cpu-int8.txt
+  python3 -m compiler.cli bench $W/cpu-int8 --prompt-lengths 32,1024 --new-tokens 32 --repeats 2 \
+    --peer tandem:$W/cpu-shared --peer genai:$W/genai-cpu --out $W/bench-cpuint8
   stamp "bench cpuint8"
   ;;
 split)
