@@ -16,8 +16,8 @@ MANIFEST = "manifest.yaml"
 ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
 GENERATION_CONFIG = "generation_config.json"
 VERIFY_REPORT = "verify.json"
-UNFINISHED = "UNFINISHED"
-PREFILL_SUFFIX = ".prefill.onnx"  # a graph's prompt-chunk form: name.prefill.onnx (its own weights: name.prefill.onnx.data)  # holds the building process's pid until the build has passed verify
+UNFINISHED = "UNFINISHED"  # holds the building process's pid until the build has passed verify
+PREFILL_SUFFIX = ".prefill.onnx"  # a graph's prompt-chunk form: name.prefill.onnx (its own weights: name.prefill.onnx.data)
 
 Role = Literal["npu", "igpu", "cpu"]
 BlockKind = Literal["embed", "attention", "ffn", "head"]
