@@ -169,17 +169,22 @@ def tensor_specs(values) -> dict[str, TensorSpec]:
 
 def finish_graph(
     file: Path, quantization: Quantization, calibration: list[dict[str, np.ndarray]] | None, dtype: str,
-    hessians: Path | None = None,
+    hessians: Path | None = None, int8_form: bool = False,
 ) -> BlockResult:
     """Quantize a saved fp32 block graph and carry it to the artifact's dtype, in place. hessians: a file of
-    GPTQ's statistics for it (_spill_hessians), read and removed here."""
+    GPTQ's statistics for it (_spill_hessians), read and removed here. int8_form: also write its integer-GEMM
+    prefill form (compiler.int8_prefill), smoothed by the channels' RMS those statistics give."""
     model = onnx.load(file, load_external_data=False)
     described = graph_quantization(model, quantization)
+    grams = _load_hessians(hessians)
+    channels = {x: np.sqrt(np.maximum(np.diagonal(h), 0)) for x, h in grams.items()} if int8_form else {}
     if any(d != "fp32" for d in described.values()) or dtype != "float32":
-        model = quantize(model, quantization, calibration, _load_hessians(hessians), file.parent)
+        model = quantize(model, quantization, calibration, grams, file.parent)
         if dtype == "float16":
             model = to_float16(model)
         _save(model, file)
+    if int8_form:
+        write_int8_form(file, channels)
     return tensor_specs(model.graph.input), tensor_specs(model.graph.output), described
 
 
@@ -187,12 +192,17 @@ def _io(model: onnx.ModelProto) -> dict[str, dict[str, TensorSpec]]:
     return {"inputs": tensor_specs(model.graph.input), "outputs": tensor_specs(model.graph.output)}
 
 
-def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quantization, dtype: str, form: tuple) -> BlockResult:
+def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quantization, dtype: str, form: tuple,
+                int8_form: bool) -> BlockResult:
     """A block no calibration ties to the others: built from the source at `location` and finished, in this process.
     form: build_graph's dialect and capacity."""
     source = _open(location)
     _save(build_graph(unit, source.tensor, source.config, *form), file)
-    return finish_graph(file, quantization, None, dtype)
+    return finish_graph(file, quantization, None, dtype, None, int8_form)
+
+
+def _int8_form(recipe: Recipe, kind: str) -> bool:
+    return recipe.prefill_weights == "int8" and kind in INT8_KINDS
 
 
 def _spill_hessians(hessians: dict[str, np.ndarray], file: Path) -> Path | None:
@@ -251,7 +261,8 @@ def _calibrated(
     hessians_file = _spill_hessians(hessians, file)
     del hessians
     # later blocks calibrate on this one's fp32 outputs, so its quantization can run beside them
-    done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype, hessians_file)
+    done[unit.name] = pool.submit(finish_graph, file, quantization, calibration, recipe.dtype, hessians_file,
+                                  _int8_form(recipe, unit.blocks[0].kind))
     return carried if carried is not None else samples
 
 
@@ -288,7 +299,8 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             if samples:
                 samples = _calibrated(unit, file, samples, source, rope, quantization, recipe, pool, done, form)
             else:  # independent blocks: a worker builds it too
-                done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype, form)
+                done[unit.name] = pool.submit(build_block, unit, source.location, file, quantization, recipe.dtype, form,
+                                              _int8_form(recipe, unit.blocks[0].kind))
             if all(f.done() for f in done.values()):  # always with --jobs 1; with more, when the workers catch up
                 state.record({name: f.result() for name, f in done.items()}, samples)
         specs = []
@@ -298,8 +310,8 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
             file = graphs_dir / f"{graph.name}.onnx"
             parts = [graphs_dir / f"{b.name}.onnx" for b in graph.blocks]
             role = recipe.roles[graph.role]
-            # the integer-GEMM prefill form of each attention and FFN block, linked as the blocks are
-            forms = [write_int8_form(part) if recipe.prefill_weights == "int8" and b.kind in INT8_KINDS else None
+            # the integer-GEMM prefill forms the blocks' quantization wrote, linked as the blocks are
+            forms = [prefill_path(part) if _int8_form(recipe, b.kind) and prefill_path(part).exists() else None
                      for b, part in zip(graph.blocks, parts)]
             if len(graph.blocks) > 1:
                 if any(forms):

@@ -51,7 +51,7 @@ def smooth(model: onnx.ModelProto, matmuls: set[str], samples: list[dict[str, np
     return model
 
 
-def _factors(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+def factors(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     scale = np.power(np.maximum(act, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
     return np.clip(scale, 1e-4, 1e4).astype(np.float32)
 
@@ -64,7 +64,7 @@ def _folder(node, producer, consumers, inits, matmuls):
     if gamma in inits:
 
         def fold_norm(act, wmax, alpha):
-            scale = _factors(act, wmax, alpha)
+            scale = factors(act, wmax, alpha)
             _set(inits, gamma, _array(inits, gamma) / scale)
             return scale
 
@@ -75,7 +75,7 @@ def _folder(node, producer, consumers, inits, matmuls):
             if up is not None and up.op_type == "MatMul" and up.name in matmuls and up.input[1] in inits and len(consumers[i]) == 1:
 
                 def fold_up(act, wmax, alpha, up=up):
-                    scale = _factors(act, wmax, alpha)
+                    scale = factors(act, wmax, alpha)
                     _set(inits, up.input[1], _array(inits, up.input[1]) / scale[None, :])
                     return scale
 
@@ -102,7 +102,7 @@ def _fold_attention(gqa, producer, inits, matmuls):
         group = heads // kv_heads
         kv_act = act.reshape(kv_heads, group, head_dim).max(1)
         kv_w = wmax.reshape(kv_heads, group, head_dim).max(1)
-        kv_scale = _factors(kv_act, kv_w, alpha).reshape(-1)
+        kv_scale = factors(kv_act, kv_w, alpha).reshape(-1)
         v = slice((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)
         w, b = _array(inits, qkv.input[1]), _array(inits, add.input[1])
         w[:, v] /= kv_scale

@@ -7,7 +7,8 @@ Peers are optional: `tandem:DIR` (another artifact: a layout or recipe against t
 Runtime GenAI model folder, e.g. its builder's output),
 `llamacpp:FILE.gguf` (llama.cpp through llama-cpp-python; `llamacpp:default` is the default model's own GGUF),
 `transformers:CHECKPOINT[:DTYPE]` (eager attention, on CUDA when torch sees a GPU) and `optimum:DIR` (optimum's
-ORTModelForCausalLM, from its export or a checkpoint); a missing package skips it.
+ORTModelForCausalLM, from its export or a checkpoint); a missing package skips it. A peer whose package cannot share
+this environment (optimum-onnx pins an older transformers) runs under another environment's interpreter.
 """
 from __future__ import annotations
 
@@ -216,15 +217,21 @@ def measure(system: str, target: str, lengths: list[int], new_tokens: int, repea
     return {"system": system, "target": target, "label": label, "rows": rows, "tokens": tokens, **_memory(), **extra}
 
 
-def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
-    """Ours and each peer, each in a fresh process; a peer whose package is missing is skipped with the reason."""
+def bench(artifact: Path, peers: list[str], lengths: list[int], new_tokens: int, repeats: int, threads: int,
+          pythons: dict[str, str] | None = None) -> dict:
+    """Ours and each peer, each in a fresh process (system -> the interpreter it runs under: `pythons`, else this
+    one); a peer whose package is missing is skipped with the reason."""
     results, skipped = [], []
     for system, target in [("tandem", str(artifact)), *(p.split(":", 1) for p in peers)]:
         if system not in SYSTEMS:
             raise TandemError(f"--peer {system}: unknown (known: {', '.join(s for s in SYSTEMS if s != 'tandem')})")
-        args = [sys.executable, "-m", "runtime.bench", system, target, ",".join(map(str, lengths)), str(new_tokens),
-                str(repeats), str(artifact), str(threads)]
-        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        args = [(pythons or {}).get(system, sys.executable), "-m", "runtime.bench", system, target,
+                ",".join(map(str, lengths)), str(new_tokens), str(repeats), str(artifact), str(threads)]
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        except OSError as err:  # a --peer-python that is not an interpreter
+            skipped.append({"system": system, "target": target, "reason": f"{args[0]}: {err.strerror}"})
+            continue
         if proc.returncode == 0:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         else:

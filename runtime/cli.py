@@ -65,6 +65,9 @@ def add_runtime_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed after each prompt")
     p.add_argument("--repeats", type=int, default=3, help="runs per prompt length (the median is reported)")
     p.add_argument("--peer", action="append", default=[], help="tandem:DIR, genai:DIR, llamacpp:FILE.gguf, transformers:CHECKPOINT[:DTYPE] or optimum:DIR (repeatable)")
+    p.add_argument("--peer-python", action="append", default=[], metavar="SYSTEM=PYTHON",
+                   help="run that system's peers with another environment's interpreter (one with tandem installed), "
+                        "e.g. optimum=.venv-optimum/bin/python: optimum-onnx pins an older transformers (repeatable)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md and the plots")
     p.set_defaults(func=cmd_bench)
@@ -208,7 +211,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         lengths = [int(n) for n in args.prompt_lengths.split(",") if n.strip()]
     except ValueError:
         raise TandemError(f"--prompt-lengths takes comma-separated integers, got {args.prompt_lengths!r}") from None
-    report = bench(args.artifact, args.peer, lengths, args.new_tokens, args.repeats, args.threads)
+    pythons = dict(spec.partition("=")[::2] for spec in args.peer_python)
+    if bad := [spec for spec in args.peer_python if "=" not in spec or not pythons[spec.partition("=")[0]]]:
+        raise TandemError(f"--peer-python takes SYSTEM=PYTHON, got {bad[0]!r}")
+    report = bench(args.artifact, args.peer, lengths, args.new_tokens, args.repeats, args.threads, pythons)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

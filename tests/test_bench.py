@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,10 +37,26 @@ def test_bench_runs_ours_and_a_peer_side_by_side(artifacts, checkpoint, tmp_path
 
 
 def test_optimum_peer_gives_our_greedy_reply(artifacts, checkpoint):
-    """optimum's ORTModelForCausalLM (the `optimum` extra, in an environment of its own) on the same checkpoint."""
-    pytest.importorskip("optimum.onnxruntime")
-    ours, peer = bench(artifacts["fused"], [f"optimum:{checkpoint}"], [8], 6, 1, 1)["results"]
-    assert peer["system"] == "optimum" and peer["tokens"] == ours["tokens"] and len(ours["tokens"]) == 7
+    """optimum's ORTModelForCausalLM (the `optimum` extra) on the same checkpoint: here, or run by the interpreter of
+    the environment .ci/optimum sets up for it (TANDEM_OPTIMUM_PYTHON), as `--peer-python` does."""
+    python = os.environ.get("TANDEM_OPTIMUM_PYTHON")
+    if not python:
+        pytest.importorskip("optimum.onnxruntime")
+    report = bench(artifacts["fused"], [f"optimum:{checkpoint}"], [8], 6, 1, 1, {"optimum": python} if python else None)
+    ours, peer = report["results"]
+    assert peer["system"] == "optimum" and peer["label"].startswith("optimum-onnx ")
+    assert peer["tokens"] == ours["tokens"] and len(ours["tokens"]) == 7
+
+
+def test_a_peer_python_that_cannot_run_is_skipped_with_the_reason(artifacts, checkpoint, tmp_path):
+    report = bench(artifacts["fused"], [f"transformers:{checkpoint}:float32"], [8], 2, 1, 1,
+                   {"transformers": str(tmp_path / "no-such-python")})
+    assert [r["system"] for r in report["results"]] == ["tandem"]
+    (skip,) = report["skipped"]
+    assert skip["system"] == "transformers" and "no-such-python: No such file or directory" in skip["reason"]
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "bench", str(artifacts["fused"]), "--peer-python",
+                           "optimum"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--peer-python takes SYSTEM=PYTHON, got 'optimum'" in proc.stderr
 
 
 def test_llamacpp_peer_gives_our_greedy_reply(artifacts, checkpoint, tmp_path):
