@@ -81,7 +81,10 @@ def _by_kind(engine) -> dict[str, float]:
 def _genai(directory: str, threads: int, context: int) -> tuple[Runner, str]:
     import onnxruntime_genai as og
 
-    model = og.Model(directory)
+    config = og.Config(directory)
+    if threads:  # its builder leaves the thread count to ORT, which counts the host's cores, not the process's CPUs
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     state: dict = {}
 
     def next_token() -> int:
