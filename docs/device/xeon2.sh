@@ -11,9 +11,9 @@
 #   bash docs/device/xeon2.sh wait 560       (until it prints "all done")
 #   bash docs/device/xeon2.sh collect        (reports and logs to $OUT)
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-W=$ROOT/.device/x2
-export PYTHONPATH=$W/site:$ROOT PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/../.."
+W=.device/x2  # relative, so the reports name no path of the machine
+export PYTHONPATH=$PWD/$W/site:$PWD PYTHONUNBUFFERED=1
 TIME=$([ -x /usr/bin/time ] && echo "/usr/bin/time -v" || true)
 
 stamp() { echo "[$(date +%T)] $*"; }
