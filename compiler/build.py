@@ -28,7 +28,7 @@ from compiler.progress import progress
 from compiler.quantize import gptq_inputs, graph_quantization, quantize
 from compiler.recipe import Quantization, Recipe, load_recipe
 from compiler.source import ModelSource, open_source
-from compiler.static_forms import prefill_path, write_forms
+from compiler.static_forms import dynamic_path, prefill_path, write_forms
 from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.manifest import (
@@ -331,7 +331,8 @@ def write_artifact(root: Path, recipe: Recipe, source: ModelSource, show_progres
                 for form in (decode, prefill):
                     check(form, role.providers + role.prefill)
                 prefill_spec = spec.model_copy(update={"dialect": "static", "file": prefill_path(file).relative_to(root).as_posix(), **_io(prefill)})
-                spec = spec.model_copy(update={"dialect": "static", "prefill": prefill_spec, **_io(decode)})
+                spec = spec.model_copy(update={"dialect": "static", "prefill": prefill_spec, **_io(decode),
+                                               "dynamic": dynamic_path(file).relative_to(root).as_posix()})
             specs.append(spec)
     state.clear()
     generation = {**source.generation_config, **recipe.generation.model_dump(exclude_none=True)}

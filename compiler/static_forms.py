@@ -1,5 +1,6 @@
 """The static dialect's fixed-shape forms: a finished graph, built with a symbolic sequence length, written once per
-phase with every shape fixed (a decode step of 1 token, a prefill chunk of N), both over the one weights file."""
+phase with every shape fixed (a decode step of 1 token, a prefill chunk of N), and kept as built for the CPU EP,
+which takes any shape: one session there serves both phases. All three name the one weights file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from onnx import numpy_helper, shape_inference
 
 from compiler.graphs import attended
 from runtime.errors import TandemError
-from runtime.manifest import PREFILL_SUFFIX
+from runtime.manifest import DYNAMIC_SUFFIX, PREFILL_SUFFIX
 
 def fixed(model: onnx.ModelProto, sequence: int, capacity: int) -> onnx.ModelProto:
     """A copy with the sequence fixed (the attention bias spans capacity + sequence positions), every value's shape
@@ -43,10 +44,12 @@ def fixed(model: onnx.ModelProto, sequence: int, capacity: int) -> onnx.ModelPro
 
 
 def write_forms(file: Path, chunk: int, capacity: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """Rewrite `file` as the decode form and write the prefill form beside it (name.prefill.onnx); both keep naming
-    the weights file `file` was saved with. Returns (decode, prefill), their weights not loaded."""
+    """Rewrite `file` as the decode form and write the prefill form (name.prefill.onnx) and the graph as built
+    (name.dynamic.onnx) beside it; all keep naming the weights file `file` was saved with. Returns (decode,
+    prefill), their weights not loaded."""
     model = onnx.load(file, load_external_data=False)
     decode, prefill = fixed(model, 1, capacity), fixed(model, chunk, capacity)
+    onnx.save_model(model, dynamic_path(file))
     onnx.save_model(prefill, prefill_path(file))
     onnx.save_model(decode, file)
     return decode, prefill
@@ -54,3 +57,7 @@ def write_forms(file: Path, chunk: int, capacity: int) -> tuple[onnx.ModelProto,
 
 def prefill_path(file: Path) -> Path:
     return file.with_name(file.name.removesuffix(".onnx") + PREFILL_SUFFIX)
+
+
+def dynamic_path(file: Path) -> Path:
+    return file.with_name(file.name.removesuffix(".onnx") + DYNAMIC_SUFFIX)

@@ -130,8 +130,8 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
     for spec in progress(manifest.graphs, show_progress, "verifying graphs"):
         blocks = [Block(kind, int(layer) if layer else None) for kind, _, layer in (b.partition(".") for b in spec.blocks)]
         expected = block_reference(blocks, source)(torch.from_numpy(x)).numpy()
-        for name, form in _forms(spec):
-            err = np.abs(_run_graph(directory, manifest, spec, form, x) - expected)
+        for name, form, file in _forms(spec):
+            err = np.abs(_run_graph(directory, manifest, spec, form, file, x) - expected)
             results.append({
                 "graph": name,
                 "max_abs_error": float(err.max()),
@@ -142,17 +142,19 @@ def verify_graphs(directory: Path, manifest: Manifest, source: ModelSource, show
     return results
 
 
-def _forms(spec: GraphSpec) -> list[tuple[str, GraphSpec]]:
-    """The forms of a graph verify runs, by the name it reports: a static graph's prefill form (which takes both
-    calls; its decode form is the same graph fixed to one token), or a contrib graph and its prefill form if any."""
+def _forms(spec: GraphSpec) -> list[tuple[str, GraphSpec, str]]:
+    """The forms of a graph verify runs, by the name it reports, each with the spec its runner takes and its file: a
+    static graph's prefill form (which takes both calls; its decode form is the same graph fixed to one token) and
+    its dynamic form (which the CPU EP runs, given the same steps), or a contrib graph and its prefill form if any."""
     if spec.dialect == "static":
-        return [(spec.name, spec.prefill or spec)]
-    return [(spec.name, spec)] + ([(f"{spec.name} (prefill)", spec.prefill)] if spec.prefill else [])
+        prefill = spec.prefill or spec
+        return [(spec.name, prefill, prefill.file)] + ([(f"{spec.name} (dynamic)", prefill, spec.dynamic)] if spec.dynamic else [])
+    return [(spec.name, spec, spec.file)] + ([(f"{spec.name} (prefill)", spec.prefill, spec.prefill.file)] if spec.prefill else [])
 
 
-def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, form: GraphSpec, x: np.ndarray) -> np.ndarray:
+def _run_graph(directory: Path, manifest: Manifest, spec: GraphSpec, form: GraphSpec, file: str, x: np.ndarray) -> np.ndarray:
     """Run a form of the graph alone on the CPU EP: PREFIX positions, then SUFFIX more through its KV cache."""
-    with model_file(directory / form.file, "CPUExecutionProvider", spec.qdq) as model:  # as the engine loads it
+    with model_file(directory / file, "CPUExecutionProvider", spec.qdq) as model:  # as the engine loads it
         session = ort.InferenceSession(str(model), session_options(0, "CPUExecutionProvider"), providers=["CPUExecutionProvider"])
     graph = runner(form, session, Placement(spec.name, spec.role, ["CPU"], "CPU"))
     cache = KVCache(manifest.kv_cache, slots=1)

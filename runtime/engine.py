@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from runtime import manifest as names
 from runtime.errors import TandemError
 from runtime.kv_cache import CacheView, KVCache
 from runtime.manifest import GraphSpec, KVCacheSpec, Manifest, load_manifest
-from runtime.providers import Placement, create_session, first_line
+from runtime.providers import Placement, Sessions, create_session, first_line
 from runtime.static_inputs import static_inputs
 
 log = logging.getLogger("tandem")
@@ -339,14 +340,16 @@ class Engine:
         self.directory = Path(directory)
         self.threads = threads
         self.manifest: Manifest = load_manifest(self.directory)
+        # shared where two phases load the same file on the same EP; weak: one its runners gave up on is freed
+        self._sessions: Sessions = weakref.WeakValueDictionary()
         self.graphs: list[GraphRunner] = []  # in schedule order: the runners of decode steps (of every step, mostly)
         self.prefill: list[GraphRunner] = []  # and of prompt chunks: the same runner, or one from its role's prefill chain
         for name in self.manifest.schedule:
             spec = self.manifest.graph(name)
             role = self.manifest.roles[spec.role]
             phased = bool(role.prefill or spec.prefill)  # a prefill session of its own: another chain, or another form
-            self.graphs.append(self._runner(spec, role.providers, "decode" if phased else ""))
-            self.prefill.append(self._runner(spec.prefill or spec, role.prefill or role.providers, "prefill") if phased else self.graphs[-1])
+            self.graphs.append(self._runner(spec, spec, role.providers, "decode" if phased else ""))
+            self.prefill.append(self._runner(spec, spec.prefill or spec, role.prefill or role.providers, "prefill") if phased else self.graphs[-1])
             _same_cache_device(self.graphs[-1], self.prefill[-1])
         # the cache and the RoPE tables live where the (first) attention graph runs
         attention = next((g for g in self.graphs if g._cache), None)
@@ -363,9 +366,15 @@ class Engine:
                                  static=static_tables(self.directory, static[0]) if static else None)
         self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
 
-    def _runner(self, spec: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
-        return runner(spec, *create_session(spec.name, self.directory / spec.file, spec.role, chain, self.threads, phase,
-                                            qdq=spec.qdq))
+    def _runner(self, spec: GraphSpec, form: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
+        """A runner of `form`: the graph `spec` itself, or its prefill form."""
+        return runner(form, *self._session(spec, form, chain, phase))
+
+    def _session(self, spec: GraphSpec, form: GraphSpec, chain: list, phase: str, start: int = 0,
+                 skipped: Sequence[str] = ()) -> tuple[ort.InferenceSession, Placement]:
+        dynamic = self.directory / spec.dynamic if spec.dynamic else None
+        return create_session(spec.name, self.directory / form.file, spec.role, chain, self.threads, phase, start,
+                              skipped, qdq=spec.qdq, dynamic=dynamic, made=self._sessions)
 
     @property
     def runners(self) -> list[GraphRunner | StaticRunner]:
@@ -473,9 +482,8 @@ class Engine:
         if failed.index + 1 >= len(chain):
             raise TandemError(f"graph {graph.spec.name} (role {graph.spec.role}): {reason}; no execution provider is left "
                               "in its chain") from error
-        session, placement = create_session(graph.spec.name, self.directory / graph.spec.file, graph.spec.role, chain,
-                                            self.threads, failed.phase, failed.index + 1, [*failed.skipped, reason],
-                                            qdq=graph.spec.qdq)
+        session, placement = self._session(self.manifest.graph(graph.spec.name), graph.spec, chain, failed.phase,
+                                           failed.index + 1, [*failed.skipped, reason])
         if graph._cache and placement.device != self.cache.device:
             raise TandemError(f"graph {graph.spec.name}: {reason}; the next EP of its chain, {placement.provider}, runs "
                               f"on {placement.device}, but the KV cache it reads is on {self.cache.device}") from error

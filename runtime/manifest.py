@@ -11,19 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runtime.errors import TandemError
 from runtime.yamlfile import load_mapping
 
-FORMAT_VERSION = 2  # 2: roles and graphs carry a dialect (static graphs: a prefill form); version 1 still loads
+FORMAT_VERSION = 3  # 2: roles and graphs carry a dialect (static graphs: a prefill form); 3: static graphs' any-shape
+# form (GraphSpec.dynamic). Earlier versions still load
 MANIFEST = "manifest.yaml"
 ROPE_FILE = "rope.npy"  # cos/sin tables [2, capacity, head_dim / 2], computed by the compiler
 GENERATION_CONFIG = "generation_config.json"
 VERIFY_REPORT = "verify.json"
 UNFINISHED = "UNFINISHED"  # holds the building process's pid until the build has passed verify
 PREFILL_SUFFIX = ".prefill.onnx"  # a graph's prompt-chunk form: name.prefill.onnx (its own weights: name.prefill.onnx.data)
+DYNAMIC_SUFFIX = ".dynamic.onnx"  # a static graph before its sequence was fixed: name.dynamic.onnx, over name.onnx's weights
 
 Role = Literal["npu", "igpu", "cpu"]
 BlockKind = Literal["embed", "attention", "ffn", "head"]
 # contrib: ORT's fused ops (GroupQueryAttention over the KV cache in place, MatMulNBits, ...), dynamic shapes.
 # static: standard ai.onnx ops and fixed shapes (a prefill chunk, a decode step, the KV capacity), the form NPU
-# compilers take: two graph files per graph (prefill and decode) over one weights file.
+# compilers take: two graph files per graph (prefill and decode) over one weights file, and a third with the
+# sequence left open, which the CPU EP (the chains' last fallback) loads once for both phases.
 Dialect = Literal["contrib", "static"]
 
 # Tensor names every graph agrees on. Hidden states flow graph to graph; the KV cache is bound in place.
@@ -161,6 +164,9 @@ class GraphSpec(Strict):
     # the prompt-chunk form, run by a session of its own: the static dialect's fixed-shape one (`file` is then the
     # one-token decode form), or a contrib graph's integer-GEMM one (recipe prefill_weights: int8)
     prefill: "GraphSpec | None" = None
+    # a static graph with its sequence left open, over the same weights: EPs that take any shape (runtime.providers.
+    # ANY_SHAPE) run both phases on one session of it, so the weights are packed once, not once per fixed form
+    dynamic: str | None = None
 
     @property
     def qdq(self) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
@@ -118,26 +118,40 @@ def _strings(settings: dict[str, Setting]) -> dict[str, str]:
     return {key: str(int(value) if isinstance(value, bool) else value) for key, value in settings.items()}
 
 
+ANY_SHAPE = {"CPUExecutionProvider"}  # EPs given a static graph's dynamic form (the chains' last fallback)
+
+Sessions = MutableMapping[tuple[Path, str, str, str, bool], ort.InferenceSession]  # by file, EP, its options, session config, qdq
+
+
 def create_session(
     graph: str, path: Path, role: str, chain: list[ProviderSpec], threads: int, phase: str = "", start: int = 0,
-    skipped: Sequence[str] = (), qdq: bool = False,
+    skipped: Sequence[str] = (), qdq: bool = False, dynamic: Path | None = None, made: Sessions | None = None,
 ) -> tuple[ort.InferenceSession, Placement]:
     """Create the session on the first EP of the chain, from position `start`, that is available and accepts the
     graph. `skipped`: why the entries before `start` were passed over (a fallback after one failed while running).
-    `qdq`: the graph's weights are int8 QDQ, which the CPU EP gets as MatMulNBits (runtime.qdq_cpu)."""
+    `qdq`: the graph's weights are int8 QDQ, which the CPU EP gets as MatMulNBits (runtime.qdq_cpu).
+    `dynamic`: a static graph's form with its sequence open, which the EPs of ANY_SHAPE load instead of `path`.
+    `made`: the sessions made so far; one that loaded the same file on the same EP entry is shared, not made again
+    (a static graph's two phases on the CPU: its weights packed once)."""
     available = set(ort.get_available_providers())
     placement = Placement(graph, role, [p.name for p in chain], provider="", skipped=list(skipped), phase=phase)
+    made = {} if made is None else made
     for index, spec in enumerate(chain[start:], start):
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
         options = _strings(spec.options)
+        file = dynamic if dynamic and spec.ort_name in ANY_SHAPE else path
+        key = (file, spec.ort_name, repr(sorted(options.items())), repr(sorted(_strings(spec.session).items())), qdq)
         try:
-            settings = session_options(threads, spec.ort_name)
-            for key, value in _strings(spec.session).items():
-                settings.add_session_config_entry(key, value)
-            with model_file(path, spec.ort_name, qdq) as model:
-                session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
+            session = made.get(key)
+            if session is None:
+                settings = session_options(threads, spec.ort_name)
+                for name, value in _strings(spec.session).items():
+                    settings.add_session_config_entry(name, value)
+                with model_file(file, spec.ort_name, qdq) as model:
+                    session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
+                made[key] = session
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {first_line(e)}")
             continue

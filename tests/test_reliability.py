@@ -72,7 +72,7 @@ TAMPER = [
     ("graphs/attention.0.onnx.data", _flip_byte, "attention.0.onnx.data: sha256 mismatch"),
     ("graphs/ffn.1.onnx", _truncate, "ffn.1.onnx: {size} bytes where the manifest lists"),
     ("rope.npy", Path.unlink, "rope.npy: missing (listed in manifest.yaml)"),
-    ("manifest.yaml", _edit_manifest(format_version=3), "format_version 3 is newer than this runtime supports"),
+    ("manifest.yaml", _edit_manifest(format_version=4), "format_version 4 is newer than this runtime supports"),
     ("manifest.yaml", _edit_manifest(shiny=True), "manifest.yaml: shiny: unknown key"),
     ("manifest.yaml", Path.unlink, "not an artifact (no manifest.yaml)"),
 ]

@@ -1,13 +1,16 @@
 """The static dialect: NPU-bound graphs of standard ops with every shape fixed (a decode form and a prefill form over
-one weights file), checked against the NPUs of their role's chain; the runtime stores the K/V they output."""
+one weights file, and a dynamic form for the CPU EP), checked against the NPUs of their role's chain; the runtime
+stores the K/V they output."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import yaml
 
 from compiler.build import compile_recipe
 from compiler.npu_check import check, targets, violations
@@ -58,6 +61,37 @@ def test_static_artifact_gives_the_contrib_artifacts_tokens(static_artifacts, ar
     steps = [engine.extend([0, 2], [[7], [8]]) for engine in (ours, theirs)]  # two rows, one slot between them idle
     np.testing.assert_allclose(steps[0], steps[1], atol=1e-4)
     np.testing.assert_allclose(ours.forward(2, [9, 10]), theirs.forward(2, [9, 10]), atol=1e-4)
+
+
+def without_dynamic_forms(artifact: Path, out: Path) -> Path:
+    """A copy whose manifest names no dynamic forms (as format 2 wrote it): every phase loads its fixed form."""
+    copy = shutil.copytree(artifact, out)
+    manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
+    for graph in manifest["graphs"]:
+        graph.pop("dynamic", None)
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return copy
+
+
+@pytest.mark.parametrize("kind", ["fp32", "a16w8"])
+def test_the_cpu_runs_both_phases_on_one_session_of_the_dynamic_form(static_artifacts, tmp_path, kind):
+    """On the CPU EP a static graph's decode steps and prefill chunks share one session of the graph with its sequence
+    open (its weights packed once), and give what the fixed forms give."""
+    artifact = static_artifacts[kind]
+    dynamic = [g.dynamic for g in load_manifest(artifact).graphs if g.dialect == "static"]
+    assert dynamic == ["graphs/attention.0.dynamic.onnx", "graphs/attention.1.dynamic.onnx"]
+    model = onnx.load(artifact / dynamic[0], load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
+    assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {"attention.0.onnx.data"}
+    shared, fixed = Engine(artifact), Engine(without_dynamic_forms(artifact, tmp_path / "fixed"))
+    static = [i for i, r in enumerate(shared.graphs) if isinstance(r, StaticRunner)]
+    assert len(static) == 2
+    assert all(shared.graphs[i].session is shared.prefill[i].session for i in static)
+    assert all(fixed.graphs[i].session is not fixed.prefill[i].session for i in static)
+    for engine in (shared, fixed):
+        engine.forward(0, list(range(5, 25)))  # 3 chunks, the last one padded
+    np.testing.assert_allclose(shared.forward(0, [7]), fixed.forward(0, [7]), atol=1e-4)
+    assert greedy(Generator.load(artifact), count=12) == greedy(Generator.load(tmp_path / "fixed"), count=12)
 
 
 def test_static_cache_capacity_is_the_compiled_one(static_artifacts):
