@@ -120,7 +120,7 @@ def _strings(settings: dict[str, Setting]) -> dict[str, str]:
 
 ANY_SHAPE = {"CPUExecutionProvider"}  # EPs given a static graph's dynamic form (the chains' last fallback)
 
-Sessions = MutableMapping[tuple[Path, str, str, str, bool], ort.InferenceSession]  # by file, EP, its options, session config, qdq
+Sessions = MutableMapping[tuple[Path, str, str, str], ort.InferenceSession]  # by file, EP, its options, session config
 
 
 def create_session(
@@ -140,14 +140,14 @@ def create_session(
         if spec.ort_name not in available:
             placement.skipped.append(f"{spec.name}: not in this onnxruntime build")
             continue
-        options = _strings(spec.options)
+        options, config = _strings(spec.options), _strings(spec.session)
         file = dynamic if dynamic and spec.ort_name in ANY_SHAPE else path
-        key = (file, spec.ort_name, repr(sorted(options.items())), repr(sorted(_strings(spec.session).items())), qdq)
+        key = (file, spec.ort_name, repr(sorted(options.items())), repr(sorted(config.items())))
         try:
             session = made.get(key)
             if session is None:
                 settings = session_options(threads, spec.ort_name)
-                for name, value in _strings(spec.session).items():
+                for name, value in config.items():
                     settings.add_session_config_entry(name, value)
                 with model_file(file, spec.ort_name, qdq) as model:
                     session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])

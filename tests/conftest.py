@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,13 +80,18 @@ def static_artifacts(tmp_path_factory, checkpoint) -> dict[str, Path]:
     }
 
 
-def retarget(artifact: Path, out: Path, **roles: dict) -> Path:
-    """A copy of the artifact whose manifest gives the named roles new chains."""
+def edited_copy(artifact: Path, out: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of the artifact whose manifest `edit` has changed in place."""
     copy = shutil.copytree(artifact, out)
     manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
-    manifest["roles"].update(roles)
+    edit(manifest)
     (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return copy
+
+
+def retarget(artifact: Path, out: Path, **roles: dict) -> Path:
+    """A copy of the artifact whose manifest gives the named roles new chains."""
+    return edited_copy(artifact, out, lambda manifest: manifest["roles"].update(roles))
 
 
 def tandem(*args: str) -> subprocess.CompletedProcess:

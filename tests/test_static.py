@@ -4,13 +4,11 @@ stores the K/V they output."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import yaml
 
 from compiler.build import compile_recipe
 from compiler.npu_check import check, targets, violations
@@ -18,7 +16,7 @@ from runtime.engine import Engine, StaticRunner
 from runtime.errors import TandemError
 from runtime.generate import Generator
 from runtime.manifest import ProviderSpec, load_manifest
-from tests.conftest import LOOSE, RECIPE, retarget, write_recipe
+from tests.conftest import LOOSE, RECIPE, edited_copy, retarget, write_recipe
 from tests.test_fallback import CHAIN, fail_once, greedy
 
 def forms(artifact: Path) -> list[onnx.ModelProto]:
@@ -63,14 +61,10 @@ def test_static_artifact_gives_the_contrib_artifacts_tokens(static_artifacts, ar
     np.testing.assert_allclose(ours.forward(2, [9, 10]), theirs.forward(2, [9, 10]), atol=1e-4)
 
 
-def without_dynamic_forms(artifact: Path, out: Path) -> Path:
-    """A copy whose manifest names no dynamic forms (as format 2 wrote it): every phase loads its fixed form."""
-    copy = shutil.copytree(artifact, out)
-    manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
+def without_dynamic_forms(manifest: dict) -> None:
+    """As format 2 wrote it: every phase loads its fixed form."""
     for graph in manifest["graphs"]:
         graph.pop("dynamic", None)
-    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return copy
 
 
 @pytest.mark.parametrize("kind", ["fp32", "a16w8"])
@@ -83,7 +77,7 @@ def test_the_cpu_runs_both_phases_on_one_session_of_the_dynamic_form(static_arti
     model = onnx.load(artifact / dynamic[0], load_external_data=False)
     assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
     assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {"attention.0.onnx.data"}
-    shared, fixed = Engine(artifact), Engine(without_dynamic_forms(artifact, tmp_path / "fixed"))
+    shared, fixed = Engine(artifact), Engine(edited_copy(artifact, tmp_path / "fixed", without_dynamic_forms))
     static = [i for i, r in enumerate(shared.graphs) if isinstance(r, StaticRunner)]
     assert len(static) == 2
     assert all(shared.graphs[i].session is shared.prefill[i].session for i in static)
