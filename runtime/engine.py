@@ -344,13 +344,14 @@ class Engine:
         self._sessions: Sessions = weakref.WeakValueDictionary()
         self.graphs: list[GraphRunner] = []  # in schedule order: the runners of decode steps (of every step, mostly)
         self.prefill: list[GraphRunner] = []  # and of prompt chunks: the same runner, or one from its role's prefill chain
+        # sessions are made largest weights first: packing a graph's weights holds its file's pages beside the
+        # packed copy for a moment (+665 MiB for a 7B's lm_head), a peak that then comes on top of the least
+        sizes = {f.path: f.size for f in self.manifest.files}
+        order = sorted(self.manifest.schedule, key=lambda name: -sizes.get(self.manifest.graph(name).file + ".data", 0))
+        phases = {name: self._phases(self.manifest.graph(name)) for name in order}
         for name in self.manifest.schedule:
-            spec = self.manifest.graph(name)
-            role = self.manifest.roles[spec.role]
-            phased = bool(role.prefill or spec.prefill)  # a prefill session of its own: another chain, or another form
-            self.graphs.append(self._runner(spec, spec, role.providers, "decode" if phased else ""))
-            self.prefill.append(self._runner(spec, spec.prefill or spec, role.prefill or role.providers, "prefill") if phased else self.graphs[-1])
-            _same_cache_device(self.graphs[-1], self.prefill[-1])
+            self.graphs.append(phases[name][0])
+            self.prefill.append(phases[name][1])
         # the cache and the RoPE tables live where the (first) attention graph runs
         attention = next((g for g in self.graphs if g._cache), None)
         device = attention.placement.device if attention else "cpu"
@@ -365,6 +366,17 @@ class Engine:
         self.inputs = StepInputs(self.cache, self.rope, devices, captured=bool(attending) and all(attending),
                                  static=static_tables(self.directory, static[0]) if static else None)
         self.traffic = dict.fromkeys(("steps", "tokens", "hops", "logits_bytes"), 0)
+
+    def _phases(self, spec: GraphSpec) -> tuple[GraphRunner | StaticRunner, GraphRunner | StaticRunner]:
+        """The graph's decode-step runner and its prompt-chunk runner: the same one, or a session of its own where
+        the role has a prefill chain or the graph a prefill form."""
+        role = self.manifest.roles[spec.role]
+        if not (role.prefill or spec.prefill):
+            return (only := self._runner(spec, spec, role.providers, "")), only
+        decode = self._runner(spec, spec, role.providers, "decode")
+        prefill = self._runner(spec, spec.prefill or spec, role.prefill or role.providers, "prefill")
+        _same_cache_device(decode, prefill)
+        return decode, prefill
 
     def _runner(self, spec: GraphSpec, form: GraphSpec, chain: list, phase: str) -> GraphRunner | StaticRunner:
         """A runner of `form`: the graph `spec` itself, or its prefill form."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from runtime import mapped_pages
 from runtime.errors import TandemError
 from runtime.manifest import ProviderSpec, Setting
 
@@ -151,6 +152,7 @@ def create_session(
                     settings.add_session_config_entry(name, value)
                 with model_file(file, spec.ort_name, qdq) as model:
                     session = ort.InferenceSession(str(model), settings, providers=[(spec.ort_name, options)])
+                    mapped_pages.release(model.parent)  # what its kernels packed, the file's pages need not hold
                 made[key] = session
         except Exception as e:  # an EP that rejects the graph: try the next one in the chain
             placement.skipped.append(f"{spec.name}: {first_line(e)}")

@@ -89,6 +89,20 @@ def test_a_smaller_kv_cache_gives_the_same_logits(artifacts):
         Engine(artifacts["split"], capacity=full.capacity + 1)
 
 
+def test_sessions_are_made_largest_weights_first_and_run_in_schedule_order(artifacts, monkeypatch):
+    """Packing a graph's weights holds its file beside the packed copy for a moment: that peak should come first."""
+    import runtime.engine
+
+    made, create = [], runtime.engine.create_session
+    monkeypatch.setattr(runtime.engine, "create_session", lambda graph, *a, **k: made.append(graph) or create(graph, *a, **k))
+    engine = Engine(artifacts["split"])
+    manifest = engine.manifest
+    sizes = {f.path: f.size for f in manifest.files}
+    weights = [sizes.get(manifest.graph(name).file + ".data", 0) for name in dict.fromkeys(made)]
+    assert weights == sorted(weights, reverse=True) and weights[0] > weights[-1]
+    assert [g.spec.name for g in engine.graphs] == manifest.schedule
+
+
 def test_slots_are_independent(artifacts):
     engine = Engine(artifacts["split"], slots=2)
     a, b = [5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42]
