@@ -70,6 +70,11 @@ class GraphRunner:
         self.session.run_with_iobinding(binding, options)
         self.seconds += time.perf_counter() - start
         outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
+        if kept is None:
+            # a prefill chunk's outputs are ORT's: a binding kept would hold them until this graph's next step, a
+            # chunk's hidden states in every layer, and around them the shared arena fragments: 36 MiB a layer of a
+            # 7B's first 256-token chunk. The next step binds the cache anew.
+            del self._bindings[batch]
         for name, value in zip(self._outputs, outputs):
             values[names.HIDDEN if name == names.HIDDEN_NEXT else name] = value
 
@@ -214,6 +219,7 @@ class StaticRunner:
                     out[row] = value.numpy()[0, :count]
                 elif cache := names.stored_in(name):
                     values[cache].array[row, :, length : length + count] = value.numpy()[0, :, :count]
+            binding.clear_binding_outputs()  # copied out: ORT's buffers go back now, not at this graph's next step
         values[names.HIDDEN] = _tensor(out)
 
     def _binding(self, values: dict, row: int) -> ort.IOBinding:
