@@ -72,7 +72,7 @@ class GraphRunner:
         outputs = kept or [v for name, v in zip(self.spec.outputs, binding.get_outputs()) if names.past_of(name) is None]
         if kept is None:
             # a prefill chunk's outputs are ORT's: a binding kept would hold them until this graph's next step, a
-            # chunk's hidden states in every layer, and around them the shared arena fragments: 36 MiB a layer of a
+            # chunk's hidden states in every layer, and around them the shared arena fragments: 43 MiB a layer of a
             # 7B's first 256-token chunk. The next step binds the cache anew.
             del self._bindings[batch]
         for name, value in zip(self._outputs, outputs):
