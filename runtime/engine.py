@@ -25,10 +25,10 @@ class GraphRunner:
 
     Outputs stay on the device of the graph's EP, where the next graph (usually on the same EP) reads them;
     logits come back to the host, for sampling. The KV cache is bound once per batch of slots (its addresses do
-    not change) and again after a prompt chunk, whose binding is dropped so that ORT's outputs for it are not held
-    (they would fragment the shared arena); so a decode step binds only its few small inputs; a decode step's outputs go into buffers made on its
-    first run and kept (per batch size), so a step allocates nothing, and a decode step whose inputs are the
-    buffers the one before it bound (each small input and hidden state has one per batch) binds nothing at all.
+    not change), and again after a prompt chunk, whose binding `run` drops; so a decode step binds only its few
+    small inputs; a decode step's outputs go into buffers made on its first run and kept (per batch size), so a
+    step allocates nothing, and a decode step whose inputs are the buffers the one before it bound (each small
+    input and hidden state has one per batch) binds nothing at all.
     With CUDA graphs every address a decode step binds is therefore the same at each step of a batch: the step is
     captured once per batch and replayed (prefill chunks, whose shapes vary, run without). A decode step's input
     made on the host (the hidden state of a graph on the CPU EP before it) is copied into a device buffer of its own
