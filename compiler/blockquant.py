@@ -34,9 +34,9 @@ class Quantized:
 
     def dequantize(self, k: int) -> np.ndarray:
         """W [K, N] back in float32 (for tests and error reports)."""
-        q = _unpack(self.packed, self.bits)
+        q = unpack(self.packed, self.bits)
         n, blocks, _ = q.shape
-        zp = 2 ** (self.bits - 1) if self.zero_points is None else _unpack(self.zero_points, self.bits)[:, :blocks]
+        zp = 2 ** (self.bits - 1) if self.zero_points is None else unpack(self.zero_points, self.bits)[:, :blocks]
         zp = np.broadcast_to(zp, (n, blocks)) if np.ndim(zp) == 0 else zp
         w = (q.astype(np.float32) - zp[..., None]) * self.scales[..., None]
         return w.reshape(n, -1)[:, :k].T
@@ -103,11 +103,16 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool, 
     """
     k, n = w.shape
     step = max(1, WEIGHTS_AT_ONCE // k)
-    parts = [_quantize_columns(w[:, i : i + step], bits, block_size, symmetric, gptq) for i in range(0, n, step)]
-    q, scale, zp = (np.concatenate(part) for part in zip(*parts))
-    zp8 = zp.astype(np.uint8)
-    zero_points = None if symmetric else _pack(_pad_even(zp8) if bits == 4 else zp8, bits)
-    return Quantized(_pack(q, bits), scale.astype(np.float32), zero_points, bits, block_size)
+    blocks = -(-k // block_size)
+    # filled a slab of columns at a time: only the packed result is held whole (a 7B lm_head's is 0.5 GB in int8)
+    packed = np.empty((n, blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    zp8 = np.empty((n, blocks), np.uint8)
+    for i in range(0, n, step):
+        q, scales[i : i + step], zp8[i : i + step] = _quantize_columns(w[:, i : i + step], bits, block_size, symmetric, gptq)
+        packed[i : i + step] = pack(q, bits)
+    zero_points = None if symmetric else pack(_pad_even(zp8) if bits == 4 else zp8, bits)
+    return Quantized(packed, scales, zero_points, bits, block_size)
 
 
 def _quantize_columns(
@@ -220,13 +225,13 @@ def _pad_even(zp: np.ndarray) -> np.ndarray:
     return np.pad(zp, ((0, 0), (0, zp.shape[1] % 2))) if zp.shape[1] % 2 else zp
 
 
-def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
-        return q.astype(np.uint8)
+        return q.astype(np.uint8, copy=False)
     return (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)  # element 2i in the low nibble
 
 
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed
     out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)

@@ -156,6 +156,15 @@ def _save(model: onnx.ModelProto, file: Path) -> None:
     onnx.save_model(model, file, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
 
 
+def _write_graph(unit: GraphPlan, source: ModelSource, file: Path, form: tuple) -> onnx.ModelProto:
+    """Build a block's float32 graph into `file`, its weights written to the data file beside it as they are made
+    (as _save lays them out); the model returned holds none of them."""
+    with file.with_name(file.name + ".data").open("wb") as data:
+        model = build_graph(unit, source.tensor, source.config, *form, data)
+    onnx.save_model(model, file)
+    return model
+
+
 def tensor_specs(values) -> dict[str, TensorSpec]:
     """Name -> dtype and shape of a graph's inputs or outputs, as the manifest records them."""
     return {
@@ -196,8 +205,7 @@ def build_block(unit: GraphPlan, location: str, file: Path, quantization: Quanti
                 int8_form: bool) -> BlockResult:
     """A block no calibration ties to the others: built from the source at `location` and finished, in this process.
     form: build_graph's dialect and capacity."""
-    source = _open(location)
-    _save(build_graph(unit, source.tensor, source.config, *form), file)
+    _write_graph(unit, _open(location), file, form)
     return finish_graph(file, quantization, None, dtype, None, int8_form)
 
 
@@ -251,10 +259,8 @@ def _calibrated(
 ) -> list[np.ndarray]:
     """Build a block (form: build_graph's dialect and capacity), run the calibration text through it in float32 and
     submit its quantization; returns the samples it carries on to the next block."""
-    model = build_graph(unit, source.tensor, source.config, *form)
+    model = _write_graph(unit, source, file, form)
     inputs, grams = tensor_specs(model.graph.input), gptq_inputs(model, quantization)
-    _save(model, file)
-    del model
     calibration = [feeds(inputs, x, rope) for x in samples]
     # one float32 pass over the calibration text: the next block's samples and this one's GPTQ statistics
     carried, hessians = propagate(file, calibration, grams)

@@ -3,7 +3,8 @@ CPU/GPU EPs; static, standard ops only, for NPU compilers (batch 1; compiler.sta
 from __future__ import annotations
 
 import math
-from typing import Callable
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import onnx
@@ -16,16 +17,20 @@ from runtime.manifest import Dialect, ModelConfig
 OPSET = 21
 NORM_MEAN = ".mean"  # the static dialect's RMSNorm takes the mean of squares as a MatMul by this weight (left float)
 Weights = Callable[[str], np.ndarray]
+EXTERNAL_BYTES = 1024  # initializers this large go to the graph's external data file (as onnx.save_model's threshold)
+ROW_BYTES = 1 << 26  # an external initializer is written ~64 MB of rows at a time (a transposed view copies only those)
 
 
 class GraphBuilder:
     """Collects nodes, initializers and graph inputs/outputs; names intermediate values uniquely.
 
-    Initializers are written into the model in place: protobuf cannot copy a message over 2 GB, and a 7B's
-    embedding table and lm_head are 2.2 GB each in float32."""
+    data: the file that large initializers are written to as they come (the model's external data), so that
+    a weight is held once, as the source gives it: a 7B's embedding table and lm_head are 2.2 GB each in
+    float32, and in the model's protobuf (which copies bytes it is given) each took three copies."""
 
-    def __init__(self, name: str, dialect: Dialect = "contrib", capacity: int = 0) -> None:
+    def __init__(self, name: str, dialect: Dialect = "contrib", capacity: int = 0, data: BinaryIO | None = None) -> None:
         self.name = name
+        self.data = data
         self.dialect = dialect
         self.capacity = capacity  # static dialect: the KV cache positions its attention reads
         self.proto = onnx.ModelProto()
@@ -44,10 +49,23 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:
+        """An initializer of the array's values in C order (a transposed view is fine)."""
         tensor = self.proto.graph.initializer.add()
         tensor.name, tensor.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
-        tensor.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        if self.data is None or array.nbytes < EXTERNAL_BYTES:
+            tensor.raw_data = np.ascontiguousarray(array).tobytes()
+            return name
+        offset = self.data.tell()
+        rows = array.reshape(len(array), -1) if array.ndim > 1 else array
+        step = max(1, ROW_BYTES // (rows[:1].nbytes or 1))
+        for start in range(0, len(rows), step):
+            self.data.write(memoryview(np.ascontiguousarray(rows[start : start + step])).cast("B"))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", Path(self.data.name).name), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
         return name
 
     def const(self, values: list[int]) -> str:
@@ -93,9 +111,9 @@ def make_rmsnorm(b: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: fl
 
 def make_linear(b: GraphBuilder, w: Weights, x: str, prefixes: list[str], bias: bool = False) -> str:
     """x @ W.T (+ b); several projections of the same input are packed into one MatMul."""
-    weight = np.ascontiguousarray(np.concatenate([w(f"{p}.weight") for p in prefixes], axis=0).T)  # one copy alive
+    weight = w(f"{prefixes[0]}.weight") if len(prefixes) == 1 else np.concatenate([w(f"{p}.weight") for p in prefixes])
     name = "+".join(prefixes)
-    y = b.op("MatMul", [x, b.weight(f"{name}.weight.T", weight)])
+    y = b.op("MatMul", [x, b.weight(f"{name}.weight.T", weight.T)])
     if bias:
         y = b.op("Add", [y, b.weight(f"{name}.bias", np.concatenate([w(f"{p}.bias") for p in prefixes]))])
     return y
@@ -212,9 +230,12 @@ MAKERS = {
 }
 
 
-def build_graph(graph: GraphPlan, w: Weights, cfg: ModelConfig, dialect: Dialect = "contrib", capacity: int = 0) -> onnx.ModelProto:
-    """capacity: the static dialect's KV cache positions (fixed in the graph; the sequence dimension is fixed later)."""
-    b = GraphBuilder(graph.name, dialect, capacity)
+def build_graph(
+    graph: GraphPlan, w: Weights, cfg: ModelConfig, dialect: Dialect = "contrib", capacity: int = 0, data: BinaryIO | None = None,
+) -> onnx.ModelProto:
+    """capacity: the static dialect's KV cache positions (fixed in the graph; the sequence dimension is fixed later).
+    data: where the large initializers go (GraphBuilder); None keeps them in the model."""
+    b = GraphBuilder(graph.name, dialect, capacity, data)
     batch = 1 if dialect == "static" else "batch"
     x = None if graph.blocks[0].kind == "embed" else b.input(names.HIDDEN, TensorProto.FLOAT, [batch, "sequence", cfg.hidden_size])
     for block in graph.blocks:

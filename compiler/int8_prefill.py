@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compiler.blockquant import unpack
 from compiler.smoothing import factors
 from compiler.static_forms import prefill_path
 from runtime.errors import TandemError
@@ -97,11 +98,11 @@ def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     if bits not in (4, 8):
         raise TandemError(f"MatMulNBits with {bits}-bit weights: the int8 prefill form takes 4 or 8")
     count = -(-k // block)
-    q = _unpack(b.reshape(n, -1), bits)[:, : count * block].reshape(n, count, block).astype(np.float32)
+    q = unpack(b.reshape(n, -1), bits)[:, : count * block].reshape(n, count, block).astype(np.float32)
     if zero_points is None:
         zp = np.full((n, count), 2 ** (bits - 1), np.float32)
     elif zero_points.dtype == np.uint8:
-        zp = _unpack(zero_points.reshape(n, -1), bits)[:, :count].astype(np.float32)
+        zp = unpack(zero_points.reshape(n, -1), bits)[:, :count].astype(np.float32)
     else:  # float zero points (already in the weights' scale units)
         zp = zero_points.reshape(n, count).astype(np.float32)
     w = (q - zp[..., None]) * scales.reshape(n, count, 1).astype(np.float32)
@@ -113,14 +114,6 @@ def per_column(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(w).max(axis=0) / 127
     scale[scale == 0] = 1
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
-        return packed
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
-    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
-    return out
 
 
 def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:

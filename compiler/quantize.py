@@ -5,16 +5,16 @@ MatMuls of attention and FFN blocks, the lm_head MatMul of the head block, the e
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-from compiler.blockquant import GPTQFactor, gptq_factor, quantize_weight
+from compiler.blockquant import GPTQFactor, Quantized, gptq_factor, pack, quantize_weight, unpack
 from compiler.graphs import NORM_MEAN
 from compiler.recipe import Quantization, QuantSpec
 from compiler.smoothing import smooth
@@ -76,14 +76,21 @@ def quantize(
     hessians: GPTQ's statistics, gptq_inputs -> mean Gram matrix over the calibration tokens (from the build's
     calibration pass; empty: round without GPTQ). One K x K matrix per distinct input of the block is held while
     quantizing: its Hessian, then GPTQ's factor in the same memory.
-    weights_dir: the model was loaded without its external data, which is there (loaded here)."""
+    weights_dir: the model was loaded without its external data, which is there: the weights quantized weight-only
+    are read from it one at a time as they are quantized, the rest loaded here."""
     by_scheme = _by_scheme(model, quantization)
     if weights_dir is not None:
-        onnx.load_external_data_for_model(model, str(weights_dir))
+        streamed = {_weight_name(n) for (scheme, _), nodes in by_scheme.items() if scheme in ("int4", "int8")
+                    for n in model.graph.node if n.name in set(nodes)}
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor) and tensor.name not in streamed:
+                load_external_data_for_tensor(tensor, str(weights_dir))
+                tensor.data_location = TensorProto.DEFAULT
+                del tensor.external_data[:]
     factors = {name: gptq_factor(hessian) for name, hessian in hessians.items()}
     for (scheme, spec), nodes in by_scheme.items():
         if scheme in ("int4", "int8"):
-            model = _weight_only(model, spec, nodes, factors)
+            model = _weight_only(model, spec, nodes, factors, weights_dir)
     for (scheme, spec), nodes in by_scheme.items():
         if scheme == "int8-qdq":
             model = _static_qdq(model, spec, nodes, calibration or [])
@@ -93,42 +100,75 @@ def quantize(
     return model
 
 
-def _weight_only(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], factors: dict[str, GPTQFactor]) -> onnx.ModelProto:
-    """MatMuls -> MatMulNBits (compiler.blockquant: clipping search, and GPTQ where `factors` has the input);
-    the embedding Gather -> GatherBlockQuantized via ORT's MatMulNBitsQuantizer (RTN)."""
-    matmuls = [n for n in model.graph.node if n.name in set(nodes) and n.op_type == "MatMul"]
+def _weight_only(
+    model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], factors: dict[str, GPTQFactor], weights_dir: Path | None,
+) -> onnx.ModelProto:
+    """MatMuls -> MatMulNBits, the embedding's Gather -> GatherBlockQuantized, by compiler.blockquant (clipping
+    search; GPTQ where `factors` has the MatMul's input). One weight in float32 is held at a time."""
     initializers = {i.name: i for i in model.graph.initializer}
-    for node in matmuls:
-        weight = initializers.pop(node.input[1])
-        w = numpy_helper.to_array(weight)
+    bits = 4 if spec.scheme == "int4" else 8
+    for node in [n for n in model.graph.node if n.name in set(nodes)]:
+        gather = node.op_type == "Gather"
+        base = _weight_name(node)
+        weight = initializers.pop(base)
+        w = _array(weight, weights_dir)
         model.graph.initializer.remove(weight)  # before quantizing: a 7B's lm_head is 2.2 GB in each form
         del weight
-        q = quantize_weight(w, 4 if spec.scheme == "int4" else 8, spec.block_size, spec.symmetric, factors.get(node.input[0]))
-        base = node.input[1]
+        # a Gather's table is [vocab, hidden]: its rows are quantized as a MatMul's output columns are
+        w = w.T if gather else w
+        (k, n), q = w.shape, quantize_weight(w, bits, spec.block_size, spec.symmetric, None if gather else factors.get(node.input[0]))
+        del w
+        if gather:
+            node.CopyFrom(_gather_block_quantized(node, q, k, n, model.graph))
+            continue
         extra = [numpy_helper.from_array(q.packed, f"{base}.q"), numpy_helper.from_array(q.scales, f"{base}.scales")]
         if q.zero_points is not None:
             extra.append(numpy_helper.from_array(q.zero_points, f"{base}.zero_points"))
         model.graph.initializer.extend(extra)
         replacement = helper.make_node(
             "MatMulNBits", [node.input[0], *(t.name for t in extra)], list(node.output), name=node.name,
-            domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=q.bits, block_size=q.block_size,
+            domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=q.block_size,
             accuracy_level=spec.accuracy_level,
         )
         node.CopyFrom(replacement)
-    gathers = [n.name for n in model.graph.node if n.name in set(nodes) and n.op_type == "Gather"]
-    if gathers:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        quantizer = MatMulNBitsQuantizer(
-            model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
-            nodes_to_include=gathers,
-            # the quantizer ORs nodes_to_include with op_types_to_quantize: name no op type so only `gathers` change
-            op_types_to_quantize=("NoSuchOp",), quant_axes=(("Gather", 1),),
-        )
-        quantizer.process()
-        model = quantizer.model.model
     return model
+
+
+def _weight_name(node: onnx.NodeProto) -> str:
+    return node.input[0] if node.op_type == "Gather" else node.input[1]
+
+
+def _gather_block_quantized(node: onnx.NodeProto, q: Quantized, hidden: int, vocab: int, graph: onnx.GraphProto) -> onnx.NodeProto:
+    """The Gather of a [vocab, hidden] table quantized along hidden (q, 4 bits, as blockquant packs a MatMul's
+    [N = vocab] columns) as GatherBlockQuantized: the table and zero points as int4 tensors (packed two to a byte
+    in order, as ONNX lays out int4), signed without zero points when symmetric."""
+    base = node.input[0]
+    data = q.packed.reshape(vocab, -1)[:, : hidden // 2]  # each row's last block may be padded
+    qtype = TensorProto.INT4 if q.zero_points is None else TensorProto.UINT4
+    if q.zero_points is None:
+        data = data ^ 0x88  # unsigned levels with zero point 8 -> two's-complement nibbles, the same values
+    tensors = [helper.make_tensor(f"{base}.q", qtype, [vocab, hidden], np.ascontiguousarray(data).tobytes(), raw=True),
+               numpy_helper.from_array(q.scales, f"{base}.scales")]
+    if q.zero_points is not None:
+        blocks = q.scales.shape[1]
+        levels = unpack(q.zero_points, 4)[:, :blocks].reshape(-1)  # packed again without each row's padding nibble
+        tensors.append(helper.make_tensor(f"{base}.zero_points", qtype, [vocab, blocks], pack(np.pad(levels, (0, levels.size % 2)), 4).tobytes(), raw=True))
+    graph.initializer.extend(tensors)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return helper.make_node(
+        "GatherBlockQuantized", [tensors[0].name, node.input[1], *(t.name for t in tensors[1:])], list(node.output), name=node.name,
+        domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=q.block_size,
+    )
+
+
+def _array(tensor: onnx.TensorProto, weights_dir: Path | None) -> np.ndarray:
+    """An initializer's values; one in external data read straight from its file (one copy, not the protobuf's too)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    values = np.fromfile(Path(weights_dir or "") / info["location"], dtype, int(np.prod(tensor.dims)), offset=int(info.get("offset", 0)))
+    return values.astype(dtype.newbyteorder("="), copy=False).reshape(tensor.dims)
 
 
 def _static_qdq(model: onnx.ModelProto, spec: QuantSpec, nodes: list[str], samples: list[dict[str, np.ndarray]]) -> onnx.ModelProto:

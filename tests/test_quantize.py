@@ -115,3 +115,33 @@ def test_smoothing_folds_exactly_and_flattens_the_activations(artifacts):
     assert len(after) == len(before) > 0
     flatter = [x for x in before if after[x] < before[x]]
     assert len(flatter) == len(before)  # every MatMul input (norm-, up- and v-fed) got smoothed
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_embedding_table_quantized_as_blockquant_rounds_it(tmp_path, symmetric):
+    """GatherBlockQuantized reads back exactly blockquant's levels, with an odd count of blocks a row (the zero points'
+    nibbles then cross rows), from a table the build streamed to external data."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compiler.blockquant import quantize_weight
+    from compiler.graphs import GraphBuilder
+    from compiler.quantize import quantize
+    from compiler.recipe import Quantization
+
+    table = np.random.default_rng(0).standard_normal((50, 96), dtype=np.float32)  # 3 blocks of 32 a row
+    file = tmp_path / "embed.onnx"
+    with file.with_name(file.name + ".data").open("wb") as data:
+        b = GraphBuilder("embed", data=data)
+        b.scope = "embed"
+        ids = b.input("input_ids", TensorProto.INT64, [1, "sequence"])
+        b.output(b.rename(b.op("Gather", [b.weight("table", table), ids]), "out"), TensorProto.FLOAT, [1, "sequence", 96])
+        onnx.save_model(b.model(), file)
+    model = quantize(onnx.load(file, load_external_data=False),
+                     Quantization(embedding={"scheme": "int4", "block_size": 32, "symmetric": symmetric}), None, {}, tmp_path)
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    ids = np.array([[0, 7, 49, 7]])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    expected = quantize_weight(table.T, 4, 32, symmetric).dequantize(96).T[ids]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert 0 < np.abs(got - table[ids]).max() < 0.2 * np.abs(table).max()
