@@ -15,7 +15,8 @@ from compiler.fidelity import FidelityAccumulator, score
 from compiler.progress import progress
 from compiler.reference import sequence_logits
 from compiler.source import ModelSource
-from compiler.verify import engine_logits, runtime_peak_rss
+from compiler.runtime_runs import runtime_peak_rss
+from compiler.verify import engine_logits
 from runtime.engine import Engine
 from runtime.errors import TandemError
 from runtime.manifest import load_manifest

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import json
-import subprocess
-import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
@@ -21,6 +18,7 @@ from compiler.plan import Block
 from compiler.progress import progress
 from compiler.recipe import Recipe, VerifySpec
 from compiler.reference import SequenceLogits, block_reference, sequence_logits
+from compiler.runtime_runs import Run, artifact_runs, runtime_peak_rss
 from compiler.source import ModelSource
 from runtime import manifest as names
 from runtime.engine import Engine, StepInputs, rope_values, runner, static_tables
@@ -42,18 +40,12 @@ def verify_artifact(directory: Path, source: ModelSource, show_progress: bool = 
     count = spec.eval_windows if eval_windows is None else eval_windows
     texts = windows(tokenizer, "evaluation", spec.eval_window, count) if count else []
     prompts = encoded_prompts(spec, tokenizer, manifest)
-    # our side first, then the reference's: the engine and the torch reference are never in memory together
-    # (for a 7B each takes gigabytes; verify held both at 14.4 GB). Our windows' logits wait on disk (a 152K
-    # vocab makes them 1.25 GB for 4 x 512 tokens), written a chunk at a time, and the KV cache holds only what
-    # verify runs.
-    longest = max([len(t) for t in texts] + [len(ids) + spec.new_tokens for _, ids in prompts])
+    # our side first, in a process of its own, then the reference's: the engine and the torch reference are never
+    # in memory together (for a 7B each takes gigabytes; verify held both at 14.4 GB). Our logits wait on disk (a
+    # 152K vocab makes them 1.25 GB for 4 x 512 tokens) and are mapped back.
     with tempfile.TemporaryDirectory(prefix="tandem-verify-") as spill:
-        static = any(g.dialect == "static" for g in manifest.graphs)  # their cache is the compiled one
-        engine = Engine(directory, capacity=None if static else min(longest, manifest.kv_cache.capacity))
-        runs = greedy_runs(directory, prompts, engine, spec, show_progress)
-        ours = {tuple(t): spilled_logits(engine, t, Path(spill) / str(i))
-                for i, t in enumerate(progress(texts, show_progress, "evaluating"))}
-        del engine
+        runs, files = artifact_runs(directory, prompts, texts, spec.new_tokens, Path(spill), show_progress)
+        ours = {tuple(t): f for t, f in zip(texts, files)}
         reference = sequence_logits(source)
         chain = verify_chain(tokenizer, runs, reference)
         candidate = lambda tokens: np.concatenate([np.load(f) for f in ours[tuple(tokens)]])  # noqa: E731
@@ -93,30 +85,6 @@ def engine_logits(engine: Engine) -> Callable[[list[int]], np.ndarray]:
         return engine.forward(0, tokens, all_logits=True)
 
     return logits
-
-
-def spilled_logits(engine: Engine, tokens: list[int], prefix: Path) -> list[Path]:
-    """Logits at every position of a window from a fresh sequence in slot 0, written to disk a prefill chunk at a
-    time (prefix.0.npy, ...): memory holds one chunk's, not the window's."""
-    engine.reset(0)
-    chunk = engine.manifest.prefill_chunk
-    files = []
-    for start in range(0, len(tokens), chunk):
-        files.append(prefix.with_name(f"{prefix.name}.{len(files)}.npy"))
-        np.save(files[-1], engine.forward(0, tokens[start : start + chunk], all_logits=True))
-    return files
-
-
-def runtime_peak_rss(directory: Path) -> int:
-    """Peak RSS of a fresh runtime process that loads the artifact and generates 16 tokens after a 256-token prompt."""
-    code = (
-        "import sys; from runtime.generate import Generator; g = Generator.load(sys.argv[1]); "
-        "ids = (g.tokenizer.encode('The quick brown fox jumps over the lazy dog. ') * 256)[: min(256, g.engine.capacity // 2)]; "
-        "list(g.stream(ids, 16, g.sampling(temperature=0))); "
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
-    return int(proc.stdout.split()[-1]) * 1024
 
 
 # --- graphs ---------------------------------------------------------------------------------------
@@ -180,26 +148,10 @@ def verify_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -
     return [*spec.prompts, "Explain briefly what this Python code does:\n\n" + tokenizer.decode(code)]
 
 
-Run = tuple[str, list[int], list[int], list[np.ndarray]]  # prompt, its ids, our greedy tokens, our logits at each
-
-
 def encoded_prompts(spec: VerifySpec, tokenizer: Tokenizer, manifest: Manifest) -> list[tuple[str, list[int]]]:
     """Each verify prompt with its ids as a user message in the chat template."""
     return [(prompt, tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}])))
             for prompt in verify_prompts(spec, tokenizer, manifest)]
-
-
-def greedy_runs(
-    directory: Path, prompts: list[tuple[str, list[int]]], engine: Engine, spec: VerifySpec, show_progress: bool
-) -> list[Run]:
-    """Our greedy continuation of each verify prompt, with the logits of every step."""
-    generation = json.loads((directory / names.GENERATION_CONFIG).read_text())
-    eos = set(np.atleast_1d(generation.get("eos_token_id", [])).tolist())
-    runs = []
-    for prompt, ids in progress(prompts, show_progress, "verifying chain"):
-        engine.reset(0)
-        runs.append((prompt, ids, *_greedy(lambda t, first: engine.forward(0, t), ids, spec.new_tokens, eos)))
-    return runs
 
 
 def verify_chain(tokenizer: Tokenizer, runs: list[Run], reference: SequenceLogits) -> list[dict[str, Any]]:
@@ -223,15 +175,3 @@ def verify_chain(tokenizer: Tokenizer, runs: list[Run], reference: SequenceLogit
             "reference_text": tokenizer.decode(reference_tokens),  # the reference's greedy text up to where it parts
         })
     return results
-
-
-def _greedy(step: Callable[[list[int], bool], np.ndarray], ids: list[int], new_tokens: int, eos: set[int]):
-    tokens: list[int] = []
-    logits = [step(ids, True)]
-    while len(tokens) < new_tokens:
-        token = int(np.argmax(logits[-1]))
-        tokens.append(token)
-        if token in eos or len(tokens) == new_tokens:
-            break
-        logits.append(step([token], False))
-    return tokens, logits

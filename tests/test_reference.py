@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from compiler.checkpoint import tensor_shapes
 from compiler.reference import parameter_count, sequence_logits
@@ -27,17 +28,30 @@ def test_block_by_block_equals_the_whole_model(checkpoint):
 
 
 def test_verify_with_the_block_by_block_reference(artifacts, checkpoint, monkeypatch):
-    """verify_artifact as a 7B runs it (no whole model in memory) gives the same verdict on the tiny model."""
+    """verify_artifact as a 7B runs it (no whole model in memory, no engine in the compiler's process: the
+    artifact runs in a fresh runtime process) gives the same verdict on the tiny model."""
     import compiler.reference as reference
     from compiler.verify import verify_artifact
+    from runtime.engine import Engine
 
-    def whole_model(self):
-        raise AssertionError("the whole model was loaded")
+    def loaded(what: str):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} was loaded in verify's process")
+        return fail
 
     monkeypatch.setattr(reference, "IN_MEMORY_BYTES", 0)
-    monkeypatch.setattr(ModelSource, "reference_model", whole_model)
+    monkeypatch.setattr(ModelSource, "reference_model", loaded("the whole model"))
+    monkeypatch.setattr(Engine, "__init__", loaded("an engine"))
     report = verify_artifact(artifacts["split"], open_source(str(checkpoint)), eval_windows=1)
     saved = json.loads((artifacts["split"] / "verify.json").read_text())
     assert report["failures"] == [] and report["greedy_agreement"] == 1.0
     assert [c["text"] for c in report["chain"]] == [c["text"] for c in saved["chain"]]
     assert abs(report["fidelity"]["perplexity_delta"]) < 1e-4
+
+
+def test_a_failing_runtime_process_is_one_clear_error(tmp_path):
+    from compiler.runtime_runs import artifact_runs
+    from runtime.errors import TandemError
+
+    with pytest.raises(TandemError, match=r"runtime process failed \(exit 1\): error: .*manifest"):
+        artifact_runs(tmp_path / "not-an-artifact", [("hi", [1, 2])], [], 4, tmp_path)

@@ -6,7 +6,7 @@ forms (a session per fixed form, as before)."""
 import shutil, sys
 from pathlib import Path
 import yaml
-from compiler.verify import runtime_peak_rss
+from compiler.runtime_runs import runtime_peak_rss
 
 artifact, copy = Path(sys.argv[1]), Path(sys.argv[2])
 if not copy.exists():
