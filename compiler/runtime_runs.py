@@ -1,9 +1,9 @@
 """The artifact's side of verify, run as a service runs it: in a fresh process that imports the runtime only.
 
 verify compares these outputs with the torch reference. Run in the compiler's own process, the engine's memory
-came on top of torch's and of what the build had left on the heap: a 7B's engine is 6.2 GiB, and that process
-held about 1 GiB more. `python -m compiler.runtime_runs DIR FOLDER` reads FOLDER/request.json and writes the
-results there; the parent maps them back.
+came on top of torch's and of what the build had left: on the Ryzen AI 7B that process peaked at 7.56 GiB, this
+one peaks at 6.88 GiB (BENCHMARKS.md). `python -m compiler.runtime_runs DIR FOLDER` reads FOLDER/request.json and
+writes the results there; the parent maps them back.
 """
 from __future__ import annotations
 
